@@ -1,0 +1,1 @@
+"""The RemotePredict op: Python API, kernel, pluggable stubs, and graph compatibility."""

@@ -1,0 +1,172 @@
+"""What a RemotePredict node does when it runs: build a PredictRequest, call the stub, map the answer.
+
+`call_remote` is the whole behaviour on numpy values (testable without a graph); `RemotePredictKernel`
+adapts it to the EagerPyFunc calling convention: inputs are `[input_tensor_aliases, *input_tensors,
+output_tensor_aliases]`, outputs are `[status_code, status_error_message, *output_tensors]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import predict_pb2
+
+from remote_predict import tensor_codec
+from remote_predict.errors import Code, ServingError
+from remote_predict.op.config import OpConfig
+from remote_predict.op.errors import RemotePredictError
+from remote_predict.op.stubs import StubError, stub_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One finished remote call, as observers (metrics, logs) see it."""
+
+    target: str
+    model_name: str
+    code: Code
+    message: str
+    seconds: float
+
+
+Observer = Callable[[CallRecord], None]
+_observers: list[Observer] = []
+_inflight_observers: list[Callable[[str, int], None]] = []
+
+
+def add_observer(observer: Observer) -> None:
+    _observers.append(observer)
+
+
+def add_inflight_observer(observer: Callable[[str, int], None]) -> None:
+    """`observer(target, delta)` is told +1 when a call starts and -1 when it ends."""
+    _inflight_observers.append(observer)
+
+
+def remove_observer(observer: Observer) -> None:
+    if observer in _observers:
+        _observers.remove(observer)
+
+
+def remove_inflight_observer(observer: Callable[[str, int], None]) -> None:
+    if observer in _inflight_observers:
+        _inflight_observers.remove(observer)
+
+
+def _notify_inflight(target: str, delta: int) -> None:
+    for observer in _inflight_observers:
+        observer(target, delta)
+
+
+def build_request(
+    config: OpConfig, input_aliases: Sequence[str], inputs: Sequence[np.ndarray], output_aliases: Sequence[str]
+) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    spec = request.model_spec
+    spec.name = config.model_name
+    spec.signature_name = config.signature_name
+    if config.model_version >= 0:
+        spec.version.value = config.model_version
+    for alias, array in zip(input_aliases, inputs, strict=True):
+        if alias in request.inputs:
+            raise ServingError(Code.INVALID_ARGUMENT, f"input alias {alias!r} is given twice")
+        # Numeric tensors travel as one buffer; strings as string_val (tensor_content cannot hold them).
+        request.inputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=True))
+    request.output_filter.extend(output_aliases)
+    return request
+
+
+def _decode_outputs(
+    config: OpConfig, response: predict_pb2.PredictResponse, output_aliases: Sequence[str]
+) -> list[np.ndarray]:
+    outputs = []
+    for alias, dtype in zip(output_aliases, config.output_types, strict=True):
+        if alias not in response.outputs:
+            raise ServingError(Code.INTERNAL, f"the answer has no output {alias!r}")
+        proto = response.outputs[alias]
+        if tensor_codec.base_dtype(proto.dtype) != dtype:
+            raise ServingError(
+                Code.INTERNAL,
+                f"output {alias!r} has dtype {tensor_codec.dtype_name(proto.dtype)} but the op declares "
+                f"{tensor_codec.dtype_name(dtype)}",
+            )
+        outputs.append(tensor_codec.to_ndarray(proto))
+    return outputs
+
+
+def call_remote(
+    config: OpConfig, input_aliases: Sequence[str], inputs: Sequence[np.ndarray], output_aliases: Sequence[str]
+) -> tuple[Code, str, list[np.ndarray]]:
+    """Run one remote Predict; returns (code, message, outputs) and never raises for call failures."""
+    start = time.perf_counter()
+    target = config.target_address
+    _notify_inflight(target, +1)
+    try:
+        if len(input_aliases) != len(inputs):
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"'input_tensors' should be equal in length to 'input_tensor_aliases'. Length of "
+                f"'input_tensors': {len(inputs)}, length of 'input_tensor_aliases': {len(input_aliases)}",
+            )
+        if len(output_aliases) != len(config.output_types):
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"'output_types' should be equal in length to 'output_tensor_aliases'. Length of "
+                f"'output_types': {len(config.output_types)}, length of 'output_tensor_aliases': "
+                f"{len(output_aliases)}",
+            )
+        stub = stub_for(target)
+        request = build_request(config, input_aliases, inputs, output_aliases)
+        response = stub.predict(request, config.max_rpc_deadline_millis / 1000.0)
+        outputs = _decode_outputs(config, response, output_aliases)
+        code, message = Code.OK, ""
+    except (StubError, ServingError) as e:
+        code, message, outputs = e.code, describe_failure(config, e.message), []
+    finally:
+        _notify_inflight(target, -1)
+    record = CallRecord(target, config.model_name, code, message, time.perf_counter() - start)
+    for observer in _observers:
+        observer(record)
+    return code, message, outputs
+
+
+def describe_failure(config: OpConfig, message: str) -> str:
+    version = f" version {config.model_version}" if config.model_version >= 0 else ""
+    return f"RemotePredict to model '{config.model_name}'{version} at {config.target_address}: {message}"
+
+
+def _empty(dtype: int) -> np.ndarray:
+    if dtype == types_pb2.DT_STRING:
+        return np.array(b"", dtype=object)
+    return np.zeros((), dtype=tensor_codec.numpy_dtype(dtype))
+
+
+def _aliases(tensor) -> list[str]:
+    values = np.asarray(tensor.numpy()).reshape(-1)
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()]
+
+
+class RemotePredictKernel:
+    """The Python body of one kind of RemotePredict node (one per distinct configuration)."""
+
+    def __init__(self, config: OpConfig):
+        self.config = config
+        self.output_dtypes = [types_pb2.DT_INT32, types_pb2.DT_STRING, *config.output_types]
+
+    def __call__(self, input_aliases, *rest):
+        *inputs, output_aliases = rest
+        code, message, outputs = call_remote(
+            self.config, _aliases(input_aliases), [t.numpy() for t in inputs], _aliases(output_aliases)
+        )
+        if code != Code.OK:
+            if self.config.fail_op_on_rpc_error:
+                raise RemotePredictError(code, message)
+            outputs = [_empty(dtype) for dtype in self.config.output_types]
+        return [np.int32(code), message.encode("utf-8"), *outputs]

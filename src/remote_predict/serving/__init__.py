@@ -1,0 +1,1 @@
+"""The model server: model manager, data plane, gRPC and REST front-ends."""

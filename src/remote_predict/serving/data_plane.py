@@ -1,0 +1,174 @@
+"""The data plane: every serving API, once, for both front-ends.
+
+The gRPC and REST front-ends are thin codecs around these methods, so both protocols validate, run and
+fail the same way. Requests resolve a model spec to a held version (`acquire`), check the request
+against the signature exactly as TF Serving does, and run the version's Session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_pb2,
+    predict_pb2,
+    regression_pb2,
+)
+from tensorflow_serving.apis import status_pb2 as serving_status_pb2
+
+from remote_predict import tensor_codec
+from remote_predict.errors import ServingError, invalid_argument
+from remote_predict.serving import inference
+from remote_predict.serving.manager import ModelManager, ServableHandle
+from remote_predict.serving.request_checks import check_predict_request
+from remote_predict.serving.servable import Signature
+
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+SIGNATURE_DEF_FIELD = "signature_def"
+
+
+def _model_spec(name: str, version: int, signature_name: str = "") -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature_name)
+    spec.version.value = version
+    return spec
+
+
+class DataPlane:
+    def __init__(
+        self, manager: ModelManager, batcher=None, max_tensor_elements: int = tensor_codec.DEFAULT_MAX_ELEMENTS
+    ):
+        self.manager = manager
+        self.batcher = batcher
+        self.max_tensor_elements = max_tensor_elements
+
+    # ---------------------------------------------------------------------------------- resolving
+
+    def acquire(self, spec: model_pb2.ModelSpec) -> ServableHandle:
+        if not spec.name:
+            raise invalid_argument("Missing model name in request.")
+        # version and version_label are a oneof: a spec carries at most one of them.
+        version = spec.version.value if spec.HasField("version") else None
+        return self.manager.acquire(spec.name, version, spec.version_label or None)
+
+    # ------------------------------------------------------------------------------------ Predict
+
+    def decode_inputs(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+        arrays = {}
+        for alias, proto in inputs.items():
+            try:
+                arrays[alias] = tensor_codec.to_ndarray(proto, self.max_tensor_elements)
+            except ServingError as e:
+                raise invalid_argument(f"tensor parsing error: {alias}: {e.message}") from None
+        return arrays
+
+    def run_predict(
+        self, handle: ServableHandle, signature: Signature, inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+    ) -> dict[str, np.ndarray]:
+        aliases = check_predict_request(signature, inputs, output_filter)
+        if self.batcher is not None:
+            return self.batcher.run(handle.servable, signature, inputs, aliases)
+        return handle.servable.run(signature, inputs, aliases)
+
+    def predict(self, request: predict_pb2.PredictRequest, tensor_content: bool = False) -> predict_pb2.PredictResponse:
+        with self.acquire(request.model_spec) as handle:
+            signature = handle.servable.signature(request.model_spec.signature_name)
+            inputs = self.decode_inputs(request.inputs)
+            outputs = self.run_predict(handle, signature, inputs, request.output_filter)
+            response = predict_pb2.PredictResponse()
+            response.model_spec.CopyFrom(_model_spec(handle.name, handle.version, signature.key))
+        for alias, array in outputs.items():
+            response.outputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
+        return response
+
+    # ------------------------------------------------------------------------- Classify, Regress
+
+    def _signature(self, handle: ServableHandle, spec: model_pb2.ModelSpec) -> Signature:
+        return handle.servable.signature(spec.signature_name)
+
+    def classify(self, request: classification_pb2.ClassificationRequest) -> classification_pb2.ClassificationResponse:
+        examples = inference.serialized_examples(request.input)
+        with self.acquire(request.model_spec) as handle:
+            signature = self._signature(handle, request.model_spec)
+            result = inference.classify(handle.servable, signature, examples)
+            spec = _model_spec(handle.name, handle.version, signature.key)
+        return classification_pb2.ClassificationResponse(model_spec=spec, result=result)
+
+    def regress(self, request: regression_pb2.RegressionRequest) -> regression_pb2.RegressionResponse:
+        examples = inference.serialized_examples(request.input)
+        with self.acquire(request.model_spec) as handle:
+            signature = self._signature(handle, request.model_spec)
+            result = inference.regress(handle.servable, signature, examples)
+            spec = _model_spec(handle.name, handle.version, signature.key)
+        return regression_pb2.RegressionResponse(model_spec=spec, result=result)
+
+    def multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> inference_pb2.MultiInferenceResponse:
+        if not request.tasks:
+            raise invalid_argument("MultiInferenceRequest must contain at least one task.")
+        name = request.tasks[0].model_spec.name
+        seen: set[str] = set()
+        for task in request.tasks:
+            if task.model_spec.name != name:
+                raise invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            signature_name = task.model_spec.signature_name or "serving_default"
+            if signature_name in seen:
+                raise invalid_argument(f"Duplicate evaluation of signature: {signature_name}")
+            seen.add(signature_name)
+            if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
+        examples = inference.serialized_examples(request.input)
+        response = inference_pb2.MultiInferenceResponse()
+        with self.acquire(request.tasks[0].model_spec) as handle:
+            for task in request.tasks:
+                signature = self._signature(handle, task.model_spec)
+                result = response.results.add()
+                result.model_spec.CopyFrom(_model_spec(handle.name, handle.version, signature.key))
+                if task.method_name == CLASSIFY_METHOD:
+                    result.classification_result.CopyFrom(inference.classify(handle.servable, signature, examples))
+                else:
+                    result.regression_result.CopyFrom(inference.regress(handle.servable, signature, examples))
+        return response
+
+    # --------------------------------------------------------------------------- metadata, status
+
+    def metadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        fields = list(request.metadata_field)
+        if not fields:
+            raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in fields:
+            if field != SIGNATURE_DEF_FIELD:
+                raise invalid_argument(f"Metadata field {field} is not supported")
+        with self.acquire(request.model_spec) as handle:
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            for key, signature_def in handle.servable.signature_defs.items():
+                signatures.signature_def[key].CopyFrom(signature_def)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.CopyFrom(_model_spec(handle.name, handle.version))
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(signatures)
+        return response
+
+    def model_status(
+        self, request: get_model_status_pb2.GetModelStatusRequest
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        spec = request.model_spec
+        if not spec.name:
+            raise invalid_argument("Missing model name in request.")
+        version = spec.version.value if spec.HasField("version") else None
+        statuses = self.manager.status(spec.name, version, spec.version_label or None)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for status in statuses:
+            entry = response.model_version_status.add(version=status.version)
+            entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(status.state.value)
+            error = status.error if status.state.value == "END" else None
+            entry.status.CopyFrom(serving_status_pb2.StatusProto(
+                error_code=int(error.code) if error else 0, error_message=error.message if error else ""))
+        return response
+

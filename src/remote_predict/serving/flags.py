@@ -1,0 +1,214 @@
+"""`remote-predict serve` flags: tensorflow_model_server's names, `--flag=value` syntax and defaults.
+
+A TF Serving flag this server does not implement is refused when set to anything but its default,
+never silently ignored. Flags of our own are marked "(remote-predict)" in `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+_CPUS = os.cpu_count() or 1
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "t", "yes", "y"):
+        return True
+    if lowered in ("0", "false", "f", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass
+class ServerOptions:
+    # --- tensorflow_model_server flags --------------------------------------------------------
+    port: int = 8500
+    grpc_socket_path: str = ""
+    rest_api_port: int = 0
+    rest_api_num_threads: int = 4 * _CPUS
+    rest_api_timeout_in_ms: int = 30000
+    rest_api_enable_cors_support: bool = False
+    enable_batching: bool = False
+    allow_version_labels_for_unavailable_models: bool = False
+    batching_parameters_file: str = ""
+    model_config_file: str = ""
+    model_config_file_poll_wait_seconds: int = 0
+    model_name: str = "default"
+    model_base_path: str = ""
+    num_load_threads: int = 0
+    num_unload_threads: int = 0
+    max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60 * 1000 * 1000
+    file_system_poll_wait_seconds: int = 1
+    flush_filesystem_caches: bool = True
+    tensorflow_session_parallelism: int = 0
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
+    ssl_config_file: str = ""
+    saved_model_tags: str = "serve"
+    grpc_channel_arguments: str = ""
+    grpc_max_threads: int = max(64, 4 * _CPUS)
+    enable_model_warmup: bool = True
+    monitoring_config_file: str = ""
+    # --- remote-predict flags -----------------------------------------------------------------
+    host: str = "0.0.0.0"
+    remote_predict_allowed_targets: str = ""
+    remote_predict_threads: int = 64
+    remote_predict_client_tls_config_file: str = ""
+    drain_timeout_seconds: float = 30.0
+    rest_api_max_body_bytes: int = 1 << 30
+    max_tensor_elements: int = 1 << 31
+
+
+_HELP = {
+    "port": "TCP port for the gRPC API",
+    "grpc_socket_path": "if set, also serve gRPC on this UNIX socket path",
+    "rest_api_port": "TCP port for the REST API (0: no REST API)",
+    "rest_api_num_threads": "threads that run REST requests",
+    "rest_api_timeout_in_ms": "timeout of a REST request in milliseconds (0: none)",
+    "rest_api_enable_cors_support": "answer CORS preflight requests and add CORS headers",
+    "enable_batching": "merge concurrent requests into batches",
+    "allow_version_labels_for_unavailable_models": "allow labels that point at versions not yet loaded",
+    "batching_parameters_file": "text-format BatchingParameters file",
+    "model_config_file": "text-format ModelServerConfig file (overrides --model_name/--model_base_path)",
+    "model_config_file_poll_wait_seconds": "re-read --model_config_file this often (0: never)",
+    "model_name": "name of the single model served with --model_base_path",
+    "model_base_path": "directory holding the integer version directories of the single model",
+    "num_load_threads": "threads that load model versions (0: one)",
+    "num_unload_threads": "threads that unload model versions (0: default)",
+    "max_num_load_retries": "times a failed load is retried",
+    "load_retry_interval_micros": "wait between load retries, in microseconds",
+    "file_system_poll_wait_seconds": "look for new model versions this often (0: only at start)",
+    "flush_filesystem_caches": "accepted for compatibility (this server keeps no file system caches)",
+    "tensorflow_session_parallelism": "threads of both TF pools when the two flags below are 0 (0: auto)",
+    "tensorflow_intra_op_parallelism": "TF intra-op threads (0: auto)",
+    "tensorflow_inter_op_parallelism": "TF inter-op threads (0: auto)",
+    "ssl_config_file": "text-format SSLConfig file: serve gRPC over TLS",
+    "saved_model_tags": "comma-separated MetaGraphDef tags to load",
+    "grpc_channel_arguments": "comma-separated gRPC server arguments, key=value",
+    "grpc_max_threads": "threads that run gRPC requests",
+    "enable_model_warmup": "replay assets.extra/tf_serving_warmup_requests when a version loads",
+    "monitoring_config_file": "text-format MonitoringConfig file: Prometheus metrics on the REST port",
+    "host": "(remote-predict) address to bind; 127.0.0.1 for loopback only",
+    "remote_predict_allowed_targets": "(remote-predict) comma-separated host:port globs RemotePredict ops may "
+                                      "call (empty: any)",
+    "remote_predict_threads": "(remote-predict) threads for models with RemotePredict ops: the most remote "
+                              "calls in flight at once",
+    "remote_predict_client_tls_config_file": "(remote-predict) text-format SSLConfig for the RemotePredict ops' "
+                                             "outgoing gRPC channels (custom_ca; server_cert/server_key as "
+                                             "the client certificate)",
+    "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
+    "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
+    "max_tensor_elements": "(remote-predict) largest tensor a request may declare",
+}
+
+# tensorflow_model_server flags we do not implement, with TF Serving's defaults.
+UNSUPPORTED_DEFAULTS = {
+    "platform_config_file": "",
+    "per_process_gpu_memory_fraction": "0",
+    "prefer_tflite_model": "false",
+    "num_tflite_pools": "1",
+    "num_tflite_interpreters_per_pool": "1",
+    "num_tflite_interpreters": "1",
+    "enable_signature_method_name_check": "false",
+    "xla_cpu_compilation_enabled": "false",
+    "enable_profiler": "true",
+    "remove_unused_fields_from_bundle_metagraph": "true",
+    "thread_pool_factory_config_file": "",
+    "mixed_precision": "",
+    "use_tflite_model": "false",
+    "skip_initialize_tpu": "false",
+    "enable_grpc_healthcheck_service": "false",
+    "tensorflow_intra_op_parallelism_threads": "0",
+}
+
+
+def _same_as_default(value: str, default: str) -> bool:
+    if value.strip().lower() == default:
+        return True
+    try:
+        return float(value) == float(default)
+    except ValueError:
+        return default in ("true", "false") and value.strip().lower() in ("1", "0") and \
+            _bool(value) == _bool(default)
+
+
+def build_parser(prog: str = "remote-predict serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="Serve TensorFlow SavedModels over TF Serving's gRPC and REST APIs.")
+    for field in fields(ServerOptions):
+        default = field.default
+        kind = {bool: _bool, int: int, float: float, str: str}[type(default)]
+        kwargs = {"type": kind, "default": default, "help": f"{_HELP[field.name]} (default: {default!r})",
+                  "metavar": type(default).__name__.upper()}
+        if isinstance(default, bool):
+            kwargs.update(nargs="?", const=True)
+        parser.add_argument(f"--{field.name}", **kwargs)
+    for name in UNSUPPORTED_DEFAULTS:
+        parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+class FlagError(ValueError):
+    pass
+
+
+def parse(argv: list[str]) -> tuple[ServerOptions, bool]:
+    """Options from command-line flags; the bool is True when `--version` was asked."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    for name, default in UNSUPPORTED_DEFAULTS.items():
+        value = getattr(namespace, name)
+        if value is not None and not _same_as_default(value, default):
+            raise FlagError(f"--{name}={value}: this tensorflow_model_server flag is not supported by "
+                            "remote-predict yet")
+    options = ServerOptions(**{f.name: getattr(namespace, f.name) for f in fields(ServerOptions)})
+    validate(options)
+    return options, namespace.version
+
+
+def validate(options: ServerOptions) -> None:
+    if not options.model_config_file and not options.model_base_path:
+        raise FlagError("Both server_model_base_path and model_config_file are empty: give --model_base_path "
+                        "(with --model_name) or --model_config_file")
+    for name in ("port", "rest_api_port"):
+        value = getattr(options, name)
+        if not 0 <= value <= 65535:
+            raise FlagError(f"--{name}={value} is not a TCP port")
+    if options.rest_api_port and options.rest_api_port == options.port:
+        raise FlagError("--rest_api_port cannot be the same as --port")
+    if options.file_system_poll_wait_seconds < 0:
+        raise FlagError("--file_system_poll_wait_seconds must be >= 0 (a negative value would never load a model)")
+    if options.model_config_file_poll_wait_seconds < 0:
+        raise FlagError("--model_config_file_poll_wait_seconds must be >= 0")
+    if options.monitoring_config_file and not options.rest_api_port:
+        raise FlagError("--monitoring_config_file serves metrics on the REST port: also give --rest_api_port")
+    if options.batching_parameters_file and not options.enable_batching:
+        raise FlagError("--batching_parameters_file needs --enable_batching")
+    positive = ("rest_api_num_threads", "grpc_max_threads", "remote_predict_threads", "rest_api_max_body_bytes",
+                "max_tensor_elements")
+    for name in positive:
+        if getattr(options, name) <= 0:
+            raise FlagError(f"--{name} must be positive")
+    if options.drain_timeout_seconds < 0:
+        raise FlagError("--drain_timeout_seconds must be >= 0")
+    for argument in filter(None, options.grpc_channel_arguments.split(",")):
+        if "=" not in argument:
+            raise FlagError(f"--grpc_channel_arguments: {argument!r} is not key=value")
+
+
+def channel_arguments(options: ServerOptions) -> list[tuple[str, object]]:
+    """TF Serving's parsing: integers become int arguments, anything else stays a string."""
+    result: list[tuple[str, object]] = []
+    for argument in filter(None, options.grpc_channel_arguments.split(",")):
+        key, value = argument.split("=", 1)
+        try:
+            result.append((key.strip(), int(value)))
+        except ValueError:
+            result.append((key.strip(), value))
+    return result

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one server: requests, model versions, and the RemotePredict calls it makes."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from remote_predict.errors import Code, ServingError
+from remote_predict.op import kernel
+from remote_predict.serving.manager import State
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "remote_predict_requests", "Requests served, by model, API, protocol and status code.",
+            ["model", "api", "protocol", "code"], registry=self.registry)
+        self.latency = Histogram(
+            "remote_predict_request_duration_seconds", "Wall time to answer a request.",
+            ["model", "api", "protocol"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.versions = Gauge(
+            "remote_predict_model_versions", "Model versions in each state (START, LOADING, AVAILABLE, "
+            "UNLOADING, END).", ["model", "state"], registry=self.registry)
+        self.load_failures = Counter(
+            "remote_predict_model_load_failures", "Versions that failed to load.", ["model"], registry=self.registry)
+        self.op_calls = Counter(
+            "remote_predict_op_calls", "RemotePredict calls made by models on this server, by target and code.",
+            ["target", "model", "code"], registry=self.registry)
+        self.op_latency = Histogram(
+            "remote_predict_op_call_duration_seconds", "Wall time of RemotePredict calls, by target.",
+            ["target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.op_inflight = Gauge(
+            "remote_predict_op_inflight_calls", "RemotePredict calls in flight, by target.", ["target"],
+            registry=self.registry)
+        self._states: dict[tuple[str, int], State] = {}
+        self._lock = threading.Lock()
+
+    def observe_request(self, model: str, api: str, protocol: str, code: Code, seconds: float) -> None:
+        self.requests.labels(model, api, protocol, code.name).inc()
+        self.latency.labels(model, api, protocol).observe(seconds)
+
+    def on_version_state(self, model: str, version: int, state: State, error: ServingError | None) -> None:
+        with self._lock:
+            self._states[(model, version)] = state
+            tally = Tally(s for (m, _), s in self._states.items() if m == model)
+        for each in State:
+            self.versions.labels(model, each.value).set(tally.get(each, 0))
+        if state is State.END and error is not None:
+            self.load_failures.labels(model).inc()
+
+    def on_remote_call(self, record: kernel.CallRecord) -> None:
+        self.op_calls.labels(record.target, record.model_name, record.code.name).inc()
+        self.op_latency.labels(record.target).observe(record.seconds)
+
+    def on_remote_inflight(self, target: str, delta: int) -> None:
+        self.op_inflight.labels(target).inc(delta)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,36 @@
+"""Logs failed RemotePredict calls once per kind of failure, not once per request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from remote_predict.errors import Code
+from remote_predict.op.kernel import CallRecord
+
+log = logging.getLogger("remote_predict.remote_calls")
+
+
+class FailureLog:
+    """Log the first failure of each (target, model, code); repeat at most every `interval` seconds."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str, Code], tuple[float, int]] = {}
+
+    def __call__(self, record: CallRecord) -> None:
+        if record.code is Code.OK:
+            return
+        key = (record.target, record.model_name, record.code)
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._last.get(key, (0.0, 0))
+            if last and now - last < self.interval:
+                self._last[key] = (last, suppressed + 1)
+                return
+            self._last[key] = (now, 0)
+        more = f" ({suppressed} more like it in the last {now - last:.0f}s)" if suppressed else ""
+        log.warning("RemotePredict to %s model %s failed: %s: %s%s", record.target, record.model_name,
+                    record.code.name, record.message, more)

@@ -1,0 +1,1 @@
+"""Command-line tools: exporters, demo, and the production tooling."""
