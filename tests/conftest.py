@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from helpers import TESTDATA  # noqa: E402
+from helpers import TESTDATA
 
 
 def pytest_configure(config):

@@ -94,7 +94,9 @@ class Endpoint:
     def models(self) -> model_service_pb2_grpc.ModelServiceStub:
         return model_service_pb2_grpc.ModelServiceStub(self.channel())
 
-    def predict(self, model: str, inputs: dict[str, object], timeout: float = 30, **spec) -> predict_pb2.PredictResponse:
+    def predict(
+        self, model: str, inputs: dict[str, object], timeout: float = 30, **spec
+    ) -> predict_pb2.PredictResponse:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         for key, value in spec.items():
@@ -127,8 +129,8 @@ class Endpoint:
 class InProcessServer(Endpoint):
     """`remote-predict serve` flags, run by ModelServer in this process."""
 
-    def __init__(self, *argv: str, rest: bool = True):
-        self.grpc_port = free_port()
+    def __init__(self, *argv: str, rest: bool = True, grpc_port: int | None = None):
+        self.grpc_port = grpc_port or free_port()
         self.rest_port = free_port() if rest else None
         args = ["--host=127.0.0.1", f"--port={self.grpc_port}", *argv]
         if rest:

@@ -8,8 +8,6 @@ import pytest
 import tensorflow as tf
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import COUNTER, HALF_PLUS_THREE, HALF_PLUS_TWO, HALF_PLUS_TWO_TF2, TESTDATA, TWO_VERSIONS, InProcessServer
-from helpers import write_config
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -21,6 +19,16 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from helpers import (
+    COUNTER,
+    HALF_PLUS_THREE,
+    HALF_PLUS_TWO,
+    HALF_PLUS_TWO_TF2,
+    TESTDATA,
+    TWO_VERSIONS,
+    InProcessServer,
+    write_config,
+)
 from remote_predict.protocol import TENSOR_CONTENT_METADATA
 
 

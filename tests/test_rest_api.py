@@ -3,8 +3,9 @@
 import base64
 import json
 
-import models
 import pytest
+
+import models
 from helpers import HALF_PLUS_TWO, TESTDATA, TWO_VERSIONS, InProcessServer, http, write_config
 
 

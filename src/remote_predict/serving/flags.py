@@ -58,6 +58,7 @@ class ServerOptions:
     remote_predict_allowed_targets: str = ""
     remote_predict_threads: int = 64
     remote_predict_client_tls_config_file: str = ""
+    remote_predict_plugins: str = ""
     drain_timeout_seconds: float = 30.0
     rest_api_max_body_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 31
@@ -100,6 +101,8 @@ _HELP = {
     "remote_predict_client_tls_config_file": "(remote-predict) text-format SSLConfig for the RemotePredict ops' "
                                              "outgoing gRPC channels (custom_ca; server_cert/server_key as "
                                              "the client certificate)",
+    "remote_predict_plugins": "(remote-predict) comma-separated Python modules to import at start, for example "
+                              "modules that register custom stubs",
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",

@@ -32,5 +32,4 @@ class FailureLog:
                 return
             self._last[key] = (now, 0)
         more = f" ({suppressed} more like it in the last {now - last:.0f}s)" if suppressed else ""
-        log.warning("RemotePredict to %s model %s failed: %s: %s%s", record.target, record.model_name,
-                    record.code.name, record.message, more)
+        log.warning("%s (%s)%s", record.message, record.code.name, more)  # the message names target and model

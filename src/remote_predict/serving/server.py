@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,12 @@ class ModelServer:
         options = self.options
         _configure_tensorflow(options)
         targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
+        for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
+            try:
+                importlib.import_module(module)
+            except Exception as e:
+                raise ServingError(Code.FAILED_PRECONDITION, f"--remote_predict_plugins: cannot import {module}: "
+                                   f"{type(e).__name__}: {e}") from None
         if options.remote_predict_client_tls_config_file:
             grpc_stub.set_client_credentials(client_credentials(options.remote_predict_client_tls_config_file))
         kernel.add_observer(self.metrics.on_remote_call)

@@ -1,0 +1,31 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both set up the virtualenv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The seed's walk-through: export, configure, serve, query, stop.
+demo: setup
+	$(BIN)/remote-predict demo
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests examples benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
