@@ -46,21 +46,24 @@ def serve(argv: list[str]) -> int:
     log = logging.getLogger("remote_predict")
     server = ModelServer(options)
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.start()
-    except (ServingError, OSError) as e:
-        print(f"remote-predict serve: error: {getattr(e, 'message', None) or e}", file=sys.stderr)
-        return 1
-    ports = f"gRPC port {server.grpc_port}" + (f", REST port {server.rest_port}" if server.rest_port else "")
-    print(f"remote-predict serving on {options.host} ({ports})", flush=True)
-    while not stop.wait(0.5):
-        pass
-    log.info("Shutting down: draining requests for up to %.0fs", options.drain_timeout_seconds)
-    server.stop()
-    log.info("Stopped")
-    return 0
+        try:
+            server.start()
+        except (ServingError, OSError) as e:
+            print(f"remote-predict serve: error: {getattr(e, 'message', None) or e}", file=sys.stderr)
+            return 1
+        ports = f"gRPC port {server.grpc_port}" + (f", REST port {server.rest_port}" if server.rest_port else "")
+        print(f"remote-predict serving on {options.host} ({ports})", flush=True)
+        while not stop.wait(0.5):
+            pass
+        log.info("Shutting down: draining requests for up to %.0fs", options.drain_timeout_seconds)
+        server.stop()
+        log.info("Stopped")
+        return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

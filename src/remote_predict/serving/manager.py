@@ -319,7 +319,7 @@ class ModelManager:
                 if entry.attempts <= self.options.max_load_retries and not self._stopping.is_set():
                     entry.retry_at = time.monotonic() + self.options.load_retry_interval_seconds
                     entry.error = e
-                    log.warning("Loading %s version %d failed (attempt %d, retrying in %.0fs): %s", model.name,
+                    log.warning("Loading %s version %d failed (attempt %d, retrying in %.1fs): %s", model.name,
                                 entry.version, entry.attempts, self.options.load_retry_interval_seconds, e.message)
                     self._wake.set()
                     return
