@@ -43,6 +43,18 @@ def sleepy(export_dir: Path) -> Path:
     return save(export_dir, build)
 
 
+def slow_scale(export_dir: Path, factor: float, delay_ms: int) -> Path:
+    """y = factor * x after a fixed sleep: a slow model whose requests can be batched."""
+
+    def build():
+        x = v1.placeholder(tf.float32, None, name="x")
+        dataset = tf.data.Dataset.from_tensors(x).apply(data_testing.sleep(delay_ms * 1000))
+        y = tf.multiply(tf.data.experimental.get_single_element(dataset), factor, name="y")
+        return {"serving_default": ({"x": x}, {"y": y})}
+
+    return save(export_dir, build)
+
+
 def scale(export_dir: Path, factor: float) -> Path:
     """y = factor * x for float x of any shape; also a `double` signature, y = 2 * factor * x."""
 

@@ -37,6 +37,9 @@ class ServerMetrics:
         self.op_inflight = Gauge(
             "remote_predict_op_inflight_calls", "RemotePredict calls in flight, by target.", ["target"],
             registry=self.registry)
+        self.batch_size = Histogram(
+            "remote_predict_batch_size", "Rows in each batch run (with --enable_batching).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry)
         self._states: dict[tuple[str, int], State] = {}
         self._lock = threading.Lock()
 

@@ -93,7 +93,7 @@ class ModelServer:
             return None
         from remote_predict.serving.batching import Batcher, parameters_from_file
 
-        return Batcher(parameters_from_file(self.options.batching_parameters_file))
+        return Batcher(parameters_from_file(self.options.batching_parameters_file), self.metrics.batch_size.observe)
 
     def start(self) -> None:
         """Load the models, then open the ports. Raises ServingError (or OSError) when it cannot."""
