@@ -13,6 +13,7 @@ commands:
   serve     serve SavedModels over TF Serving's gRPC and REST APIs (tensorflow_model_server's flags)
   export    write the seed's example models (half_plus_two, half_plus_two_with_rpop)
   demo      run the seed's walk-through end to end on this machine
+  bench     load a TF Serving-compatible server; report requests/s and latency per concurrency
 
 Run `remote-predict COMMAND --help` for a command's options.
 """
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from remote_predict.tools import export
 
         return export.main(rest)
+    if command == "bench":
+        from remote_predict.tools import bench
+
+        return bench.main(rest)
     if command == "demo":
         from remote_predict.tools import demo
 

@@ -149,7 +149,7 @@ def _empty(dtype: int) -> np.ndarray:
 
 
 def _aliases(tensor) -> list[str]:
-    values = np.asarray(tensor.numpy()).reshape(-1)
+    values = np.asarray(tensor._numpy()).reshape(-1)
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()]
 
 
@@ -162,11 +162,16 @@ class RemotePredictKernel:
 
     def __call__(self, input_aliases, *rest):
         *inputs, output_aliases = rest
+        # `_numpy()` is a read-only view of the tensor's buffer; `numpy()` would copy it.
         code, message, outputs = call_remote(
-            self.config, _aliases(input_aliases), [t.numpy() for t in inputs], _aliases(output_aliases)
+            self.config, _aliases(input_aliases), [t._numpy() for t in inputs], _aliases(output_aliases)
         )
-        if code != Code.OK:
-            if self.config.fail_op_on_rpc_error:
-                raise RemotePredictError(code, message)
-            outputs = [_empty(dtype) for dtype in self.config.output_types]
-        return [np.int32(code), message.encode("utf-8"), *outputs]
+        if code == Code.OK:
+            return [_OK, _NO_MESSAGE, *outputs]
+        if self.config.fail_op_on_rpc_error:
+            raise RemotePredictError(code, message)
+        return [np.int32(code), message.encode("utf-8"), *(_empty(dtype) for dtype in self.config.output_types)]
+
+
+_OK = np.int32(0)
+_NO_MESSAGE = b""

@@ -47,7 +47,7 @@ def export_half_plus_two(export_dir: str) -> str:
         a = v1.Variable(0.5, name="a")
         b = v1.Variable(2.0, name="b")
         c = v1.Variable(3.0, name="c")
-        serialized = v1.placeholder(tf.string, name="tf_example")
+        serialized = v1.placeholder(tf.string, shape=[None], name="tf_example")
         parsed = v1.parse_example(serialized, {
             "x": v1.FixedLenFeature([1], tf.float32),
             "x2": v1.FixedLenFeature([1], tf.float32, default_value=[0.0]),
