@@ -55,6 +55,16 @@ def slow_scale(export_dir: Path, factor: float, delay_ms: int) -> Path:
     return save(export_dir, build)
 
 
+def identity(export_dir: Path) -> Path:
+    """y = x, for float32 x of any shape (moves bytes, computes nothing)."""
+
+    def build():
+        x = v1.placeholder(tf.float32, None, name="x")
+        return {"serving_default": ({"x": x}, {"y": tf.identity(x, name="y")})}
+
+    return save(export_dir, build)
+
+
 def scale(export_dir: Path, factor: float) -> Path:
     """y = factor * x for float x of any shape; also a `double` signature, y = 2 * factor * x."""
 
@@ -105,19 +115,25 @@ def int_types(export_dir: Path) -> Path:
     return save(export_dir, build)
 
 
-def fan_out(export_dir: Path, targets: list[str], model: str = "sleepy", deadline_ms: int = 10000) -> Path:
-    """Calls `model` on every target concurrently (independent ops), returns the sum of their `y`."""
+def fan_out(export_dir: Path, targets: list[str], model: str = "sleepy", deadline_ms: int = 10000,
+            with_delay: bool = True) -> Path:
+    """Calls `model` on every target concurrently (independent ops), returns the sum of their `y`.
+
+    With `with_delay` the calls pass the `delay_ms` input on (for `sleepy` leaves); without, only `x`.
+    """
 
     def build():
         x = v1.placeholder(tf.float32, [None], name="x")
         delay = v1.placeholder(tf.int64, [], name="delay_ms")
+        aliases, inputs = (["x", "delay_ms"], [x, delay]) if with_delay else (["x"], [x])
         ys = [
-            remote_predict.run(["x", "delay_ms"], [x, delay], ["y"], target_address=target, model_name=model,
+            remote_predict.run(aliases, inputs, ["y"], target_address=target, model_name=model,
                                output_types=[tf.float32], max_rpc_deadline_millis=deadline_ms,
                                name=f"call_{i}")[0]
             for i, target in enumerate(targets)
         ]
-        return {"serving_default": ({"x": x, "delay_ms": delay}, {"y": tf.add_n(ys)})}
+        signature_inputs = {"x": x, "delay_ms": delay} if with_delay else {"x": x}
+        return {"serving_default": (signature_inputs, {"y": tf.add_n(ys)})}
 
     return save(export_dir, build)
 

@@ -18,7 +18,9 @@ v1 = tf.compat.v1
 
 @pytest.fixture(scope="module")
 def leaf():
-    with InProcessServer(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two", rest=False) as s:
+    # The op calls over gRPC even though the server runs in this process.
+    with InProcessServer(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
+                         "--remote_predict_loopback_in_process=false", rest=False) as s:
         yield s
 
 

@@ -35,8 +35,9 @@ def leaf(tmp_path_factory):
 
 def serve_master(tmp: Path, built: dict[str, Path], *flags: str, port: int | None = None) -> InProcessServer:
     config = write_config(tmp / "master.config", {name: path.parent for name, path in built.items()})
-    return InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0", *flags,
-                           grpc_port=port)
+    # Leaves run in this test process too: keep their calls on the network, as between machines.
+    return InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
+                           "--remote_predict_loopback_in_process=false", *flags, grpc_port=port)
 
 
 def test_seed_walkthrough_with_the_cli(tmp_path):
@@ -134,6 +135,22 @@ def test_rest_and_inprocess_stubs(leaf, tmp_path):
         assert list(master.predict("via_rest", x).outputs["y"].float_val) == [10.0, 20.0]
         assert master.predict("via_rest_missing", x).outputs["code"].int_val == [5]
         assert list(master.predict("via_inprocess", x).outputs["y"].float_val) == [3.0, 6.0]
+
+
+def test_a_call_to_this_same_server_skips_the_network(tmp_path):
+    """The seed's set-up: both models on one server, the op naming it as localhost:PORT."""
+    port = free_port()
+    built = {"half_plus_two": export.export_half_plus_two(str(tmp_path / "half_plus_two" / "1")),
+             "rpop": export.export_half_plus_two_with_rpop(str(tmp_path / "rpop" / "1"), f"localhost:{port}")}
+    config = write_config(tmp_path / "c.config", {name: Path(path).parent for name, path in built.items()})
+    with InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0", grpc_port=port) as s:
+        answer = s.post("/v1/models/rpop:predict", {"instances": [1.0, 2.0, 5.0]})
+        assert answer == (200, {"predictions": [3.5, 4.0, 5.5]})
+        registry = s.server.metrics.registry
+        ok = {"target": f"localhost:{port}", "model": "half_plus_two", "code": "OK"}
+        assert registry.get_sample_value("remote_predict_op_calls_total", ok) == 1.0
+        grpc_calls = {"model": "half_plus_two", "api": "predict", "protocol": "grpc", "code": "OK"}
+        assert registry.get_sample_value("remote_predict_requests_total", grpc_calls) is None  # no network call
 
 
 def test_custom_stub_from_the_readme(leaf, tmp_path, monkeypatch):

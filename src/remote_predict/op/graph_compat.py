@@ -80,31 +80,32 @@ def _is_ours(node: node_def_pb2.NodeDef) -> bool:
     return node.op == PY_FUNC_OP and "token" in node.attr and is_token(node.attr["token"].s.decode("utf-8", "replace"))
 
 
-def _scan(nodes: Iterable[node_def_pb2.NodeDef]) -> tuple[list[node_def_pb2.NodeDef], bool]:
-    tfs, ours = [], False
+def _scan(nodes: Iterable[node_def_pb2.NodeDef]) -> tuple[list[node_def_pb2.NodeDef], int]:
+    tfs, ours = [], 0
     for node in nodes:
         if node.op == TFS_OP:
             tfs.append(node)
         elif _is_ours(node):
-            ours = True
+            ours += 1
     return tfs, ours
 
 
-def prepare_meta_graph(meta_graph: meta_graph_pb2.MetaGraphDef) -> bool:
-    """Translate TF Serving's nodes in place; True if the graph holds any RemotePredict op."""
+def prepare_meta_graph(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
+    """Translate TF Serving's nodes in place; returns how many RemotePredict ops the graph holds."""
     graph = meta_graph.graph_def
-    tfs_nodes, found = _scan(graph.node)
+    tfs_nodes, count = _scan(graph.node)
     for node in tfs_nodes:
         translate_node(node)
+    count += len(tfs_nodes)
     for function in graph.library.function:
         nodes, ours = _scan(function.node_def)
         for node in nodes:
             translate_node(node)
         if nodes:
             _rewrite_function_refs(function, {n.name for n in nodes})
-        found = found or ours or bool(nodes)
+        count += ours + len(nodes)
     if tfs_nodes or any(op.name == TFS_OP for op in meta_graph.meta_info_def.stripped_op_list.op):
         ops = [op for op in meta_graph.meta_info_def.stripped_op_list.op if op.name != TFS_OP]
         del meta_graph.meta_info_def.stripped_op_list.op[:]
         meta_graph.meta_info_def.stripped_op_list.op.extend(ops)
-    return found or bool(tfs_nodes)
+    return count

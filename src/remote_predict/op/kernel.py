@@ -65,40 +65,56 @@ def _notify_inflight(target: str, delta: int) -> None:
         observer(target, delta)
 
 
-def build_request(
-    config: OpConfig, input_aliases: Sequence[str], inputs: Sequence[np.ndarray], output_aliases: Sequence[str]
-) -> predict_pb2.PredictRequest:
+def build_request(config: OpConfig, output_aliases: Sequence[str]) -> predict_pb2.PredictRequest:
+    """The request's model spec and output filter; inputs travel beside it, as arrays."""
     request = predict_pb2.PredictRequest()
     spec = request.model_spec
     spec.name = config.model_name
     spec.signature_name = config.signature_name
     if config.model_version >= 0:
         spec.version.value = config.model_version
-    for alias, array in zip(input_aliases, inputs, strict=True):
-        if alias in request.inputs:
-            raise ServingError(Code.INVALID_ARGUMENT, f"input alias {alias!r} is given twice")
-        # Numeric tensors travel as one buffer; strings as string_val (tensor_content cannot hold them).
-        request.inputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=True))
     request.output_filter.extend(output_aliases)
     return request
 
 
-def _decode_outputs(
-    config: OpConfig, response: predict_pb2.PredictResponse, output_aliases: Sequence[str]
+def _named_inputs(input_aliases: Sequence[str], inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    named: dict[str, np.ndarray] = {}
+    for alias, array in zip(input_aliases, inputs, strict=True):
+        if alias in named:
+            raise ServingError(Code.INVALID_ARGUMENT, f"input alias {alias!r} is given twice")
+        named[alias] = array
+    return named
+
+
+def _call_stub(stub, request: predict_pb2.PredictRequest, inputs: dict[str, np.ndarray],
+               timeout: float) -> dict[str, np.ndarray]:
+    fast = getattr(stub, "predict_arrays", None)
+    if fast is not None:
+        return fast(request, inputs, timeout)[1]
+    for alias, array in inputs.items():
+        # Numeric tensors travel as one buffer; strings as string_val (tensor_content cannot hold them).
+        request.inputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=True))
+    response = stub.predict(request, timeout)
+    return {alias: tensor_codec.to_ndarray(proto) for alias, proto in response.outputs.items()}
+
+
+def _check_outputs(
+    config: OpConfig, outputs: dict[str, np.ndarray], output_aliases: Sequence[str]
 ) -> list[np.ndarray]:
-    outputs = []
+    checked = []
     for alias, dtype in zip(output_aliases, config.output_types, strict=True):
-        if alias not in response.outputs:
+        if alias not in outputs:
             raise ServingError(Code.INTERNAL, f"the answer has no output {alias!r}")
-        proto = response.outputs[alias]
-        if tensor_codec.base_dtype(proto.dtype) != dtype:
+        array = outputs[alias]
+        got = tensor_codec.tf_dtype_of(array)
+        if got != dtype:
             raise ServingError(
                 Code.INTERNAL,
-                f"output {alias!r} has dtype {tensor_codec.dtype_name(proto.dtype)} but the op declares "
+                f"output {alias!r} has dtype {tensor_codec.dtype_name(got)} but the op declares "
                 f"{tensor_codec.dtype_name(dtype)}",
             )
-        outputs.append(tensor_codec.to_ndarray(proto))
-    return outputs
+        checked.append(array)
+    return checked
 
 
 def call_remote(
@@ -123,9 +139,9 @@ def call_remote(
                 f"{len(output_aliases)}",
             )
         stub = stub_for(target)
-        request = build_request(config, input_aliases, inputs, output_aliases)
-        response = stub.predict(request, config.max_rpc_deadline_millis / 1000.0)
-        outputs = _decode_outputs(config, response, output_aliases)
+        request = build_request(config, output_aliases)
+        answer = _call_stub(stub, request, _named_inputs(input_aliases, inputs), config.max_rpc_deadline_millis / 1000)
+        outputs = _check_outputs(config, answer, output_aliases)
         code, message = Code.OK, ""
     except (StubError, ServingError) as e:
         code, message, outputs = e.code, describe_failure(config, e.message), []

@@ -69,20 +69,26 @@ class DataPlane:
 
     def run_predict(
         self, handle: ServableHandle, signature: Signature, inputs: Mapping[str, np.ndarray],
-        output_filter: Sequence[str] = (),
+        output_filter: Sequence[str] = (), timeout_ms: int = 0,
     ) -> dict[str, np.ndarray]:
         aliases = check_predict_request(signature, inputs, output_filter)
         if self.batcher is not None:
             return self.batcher.run(handle.servable, signature, inputs, aliases)
-        return handle.servable.run(signature, inputs, aliases)
+        return handle.servable.run(signature, inputs, aliases, timeout_ms)
 
-    def predict(self, request: predict_pb2.PredictRequest, tensor_content: bool = False) -> predict_pb2.PredictResponse:
+    def predict_arrays(
+        self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray], timeout_ms: int = 0
+    ) -> tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]:
+        """Predict on decoded inputs (`request` supplies model_spec and output_filter)."""
         with self.acquire(request.model_spec) as handle:
             signature = handle.servable.signature(request.model_spec.signature_name)
-            inputs = self.decode_inputs(request.inputs)
-            outputs = self.run_predict(handle, signature, inputs, request.output_filter)
-            response = predict_pb2.PredictResponse()
-            response.model_spec.CopyFrom(_model_spec(handle.name, handle.version, signature.key))
+            outputs = self.run_predict(handle, signature, inputs, request.output_filter, timeout_ms)
+            return _model_spec(handle.name, handle.version, signature.key), outputs
+
+    def predict(self, request: predict_pb2.PredictRequest, tensor_content: bool = False,
+                timeout_ms: int = 0) -> predict_pb2.PredictResponse:
+        spec, outputs = self.predict_arrays(request, self.decode_inputs(request.inputs), timeout_ms)
+        response = predict_pb2.PredictResponse(model_spec=spec)
         for alias, array in outputs.items():
             response.outputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
         return response

@@ -59,6 +59,7 @@ class ServerOptions:
     remote_predict_threads: int = 64
     remote_predict_client_tls_config_file: str = ""
     remote_predict_plugins: str = ""
+    remote_predict_loopback_in_process: bool = True
     drain_timeout_seconds: float = 30.0
     rest_api_max_body_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 31
@@ -103,6 +104,8 @@ _HELP = {
                                              "the client certificate)",
     "remote_predict_plugins": "(remote-predict) comma-separated Python modules to import at start, for example "
                               "modules that register custom stubs",
+    "remote_predict_loopback_in_process": "(remote-predict) serve RemotePredict calls that name this server over "
+                                          "loopback (localhost:PORT) in-process, without the network",
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",

@@ -14,9 +14,18 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    inference_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
 from tensorflow_serving.apis import status_pb2 as serving_status_pb2
 
+from remote_predict import wire
 from remote_predict.errors import Code, ServingError
 from remote_predict.protocol import MODEL_SERVICE, PREDICTION_SERVICE, TENSOR_CONTENT, TENSOR_ENCODING_KEY
 from remote_predict.serving.data_plane import DataPlane
@@ -31,26 +40,40 @@ def grpc_code(code: Code) -> grpc.StatusCode:
     return _GRPC_CODE.get(int(code), grpc.StatusCode.UNKNOWN)
 
 
+class _Call:
+    """What a request turned out to be about, for its metrics line."""
+
+    model = ""
+
+
 class _Servicer:
     def __init__(self, data_plane: DataPlane, metrics: ServerMetrics, on_reload: Callable | None = None):
         self.data_plane = data_plane
         self.metrics = metrics
         self.on_reload = on_reload
 
-    def _serve(self, api: str, model: str, context: grpc.ServicerContext, work: Callable[[], T]) -> T:
+    def _serve(self, api: str, context: grpc.ServicerContext, work: Callable[[_Call], T]) -> T:
         start = time.perf_counter()
+        call = _Call()
         code = Code.OK
         try:
-            return work()
+            return work(call)
         except ServingError as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug must not take the server down; say what happened
-            log.exception("%s on model %s failed", api, model)
+            log.exception("%s on model %s failed", api, call.model)
             code, message = Code.INTERNAL, f"{type(e).__name__}: {e}"
         finally:
-            self.metrics.observe_request(model, api, "grpc", code, time.perf_counter() - start)
+            self.metrics.observe_request(call.model, api, "grpc", code, time.perf_counter() - start)
         context.abort(grpc_code(code), message)
         raise AssertionError("unreachable")
+
+    def _proto_api(self, api: str, method: Callable, request, context: grpc.ServicerContext, name: str):
+        def work(call: _Call):
+            call.model = name
+            return method(request)
+
+        return self._serve(api, context, work)
 
 
 def _wants_tensor_content(context: grpc.ServicerContext) -> bool:
@@ -58,37 +81,62 @@ def _wants_tensor_content(context: grpc.ServicerContext) -> bool:
 
 
 class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
-    def Predict(self, request, context):
+    def Predict(self, data: bytes, context):
+        """Takes and returns raw bytes: big tensors skip the generated classes' copies (see wire.py)."""
         dp = self.data_plane
-        return self._serve("predict", request.model_spec.name, context,
-                           lambda: dp.predict(request, tensor_content=_wants_tensor_content(context)))
+
+        def work(call: _Call) -> bytes:
+            request, inputs = wire.decode_predict_request(data, dp.max_tensor_elements)
+            call.model = request.model_spec.name
+            spec, outputs = dp.predict_arrays(request, inputs)
+            return wire.encode_predict_response(spec, outputs, _wants_tensor_content(context))
+
+        return self._serve("predict", context, work)
 
     def Classify(self, request, context):
-        return self._serve("classify", request.model_spec.name, context, lambda: self.data_plane.classify(request))
+        return self._proto_api("classify", self.data_plane.classify, request, context, request.model_spec.name)
 
     def Regress(self, request, context):
-        return self._serve("regress", request.model_spec.name, context, lambda: self.data_plane.regress(request))
+        return self._proto_api("regress", self.data_plane.regress, request, context, request.model_spec.name)
 
     def MultiInference(self, request, context):
         name = request.tasks[0].model_spec.name if request.tasks else ""
-        return self._serve("multi_inference", name, context, lambda: self.data_plane.multi_inference(request))
+        return self._proto_api("multi_inference", self.data_plane.multi_inference, request, context, name)
 
     def GetModelMetadata(self, request, context):
-        return self._serve("metadata", request.model_spec.name, context, lambda: self.data_plane.metadata(request))
+        return self._proto_api("metadata", self.data_plane.metadata, request, context, request.model_spec.name)
 
 
 class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(self, request, context):
-        return self._serve("status", request.model_spec.name, context, lambda: self.data_plane.model_status(request))
+        return self._proto_api("status", self.data_plane.model_status, request, context, request.model_spec.name)
 
     def HandleReloadConfigRequest(self, request, context):
-        def reload():
+        def reload(call: _Call):
             self.on_reload(request.config)
             response = model_management_pb2.ReloadConfigResponse()
             response.status.CopyFrom(serving_status_pb2.StatusProto(error_code=0, error_message=""))
             return response
 
-        return self._serve("reload_config", "", context, reload)
+        return self._serve("reload_config", context, reload)
+
+
+def _prediction_handlers(servicer: PredictionServicer) -> grpc.GenericRpcHandler:
+    """TF Serving's PredictionService, with Predict taking raw bytes (the others use the generated codecs)."""
+    def method(behaviour, request_type, response_type):
+        return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=request_type.FromString,
+                                                   response_serializer=response_type.SerializeToString)
+
+    return grpc.method_handlers_generic_handler(PREDICTION_SERVICE, {
+        "Predict": grpc.unary_unary_rpc_method_handler(servicer.Predict),  # bytes in, bytes out
+        "Classify": method(servicer.Classify, classification_pb2.ClassificationRequest,
+                           classification_pb2.ClassificationResponse),
+        "Regress": method(servicer.Regress, regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
+        "MultiInference": method(servicer.MultiInference, inference_pb2.MultiInferenceRequest,
+                                 inference_pb2.MultiInferenceResponse),
+        "GetModelMetadata": method(servicer.GetModelMetadata, get_model_metadata_pb2.GetModelMetadataRequest,
+                                   get_model_metadata_pb2.GetModelMetadataResponse),
+    })
 
 
 def build_server(
@@ -102,7 +150,7 @@ def build_server(
                ("grpc.so_reuseport", 0), *channel_arguments]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
                          options=options)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(data_plane, metrics), server)
+    server.add_generic_rpc_handlers([_prediction_handlers(PredictionServicer(data_plane, metrics))])
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(data_plane, metrics, on_reload), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -87,9 +87,9 @@ class Servable:
         loader = loader_impl.SavedModelLoader(path)
         meta_graph = loader.get_meta_graph_def_from_tags(list(options.tags))
         # Rewrites TF Serving's own TfServingRemotePredict nodes in place (the loader reuses this proto).
-        self.has_remote_ops = graph_compat.prepare_meta_graph(meta_graph)
+        self.remote_ops = graph_compat.prepare_meta_graph(meta_graph)
         self.graph = tf.Graph()
-        self.session = tf.compat.v1.Session(graph=self.graph, config=_session_config(options, self.has_remote_ops))
+        self.session = tf.compat.v1.Session(graph=self.graph, config=_session_config(options, self.remote_ops > 0))
         try:
             with self.graph.as_default():
                 loader.load(self.session, list(options.tags))
@@ -111,8 +111,9 @@ class Servable:
         except KeyError:
             raise failed_precondition(f'Serving signature key "{key}" not found.') from None
 
-    def _callable_for(self, signature: Signature, input_aliases: tuple[str, ...], output_aliases: tuple[str, ...]):
-        key = (signature.key, input_aliases, output_aliases)
+    def _callable_for(self, signature: Signature, input_aliases: tuple[str, ...], output_aliases: tuple[str, ...],
+                      timeout_ms: int = 0):
+        key = (signature.key, input_aliases, output_aliases, timeout_ms)
         entry = self._callables.get(key)
         if entry is not None:
             return entry
@@ -126,18 +127,29 @@ class Servable:
                 fetch_aliases = tuple(a for a in output_aliases if signature.outputs[a].name not in fed)
                 fetches = [signature.outputs[a].name for a in fetch_aliases]
                 options = config_pb2.CallableOptions(feed=feeds, fetch=fetches)
+                if self.remote_ops == 1:
+                    # One remote call has nothing to overlap with: run the graph in the request's thread
+                    # and save two thread hand-offs per request. Several calls run on the pool, in parallel.
+                    options.run_options.inter_op_thread_pool = -1
+                if timeout_ms:
+                    options.run_options.timeout_in_ms = timeout_ms
                 run = self.session._make_callable_from_options(options) if fetches or feeds else None
                 entry = (run, fetch_aliases)
                 self._callables[key] = entry
         return entry
 
     def run(
-        self, signature: Signature, inputs: Mapping[str, np.ndarray], output_aliases: Sequence[str]
+        self, signature: Signature, inputs: Mapping[str, np.ndarray], output_aliases: Sequence[str],
+        timeout_ms: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Run one request; inputs must already be validated against the signature."""
+        """Run one request; inputs must already be validated against the signature.
+
+        `timeout_ms` (0: none) cancels the run with DEADLINE_EXCEEDED; each distinct value gets its own
+        callable, so callers use a few fixed values (a RemotePredict op's deadline), not arbitrary ones.
+        """
         input_aliases = tuple(sorted(inputs))
         output_aliases = tuple(output_aliases)
-        run, fetch_aliases = self._callable_for(signature, input_aliases, output_aliases)
+        run, fetch_aliases = self._callable_for(signature, input_aliases, output_aliases, timeout_ms)
         try:
             values = run(*(inputs[a] for a in input_aliases)) if fetch_aliases else []
         except tf.errors.OpError as e:

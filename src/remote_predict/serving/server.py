@@ -13,8 +13,12 @@ from tensorflow_serving.apis import predict_pb2
 
 from remote_predict.errors import Code, ServingError
 from remote_predict.op import kernel, targets
-from remote_predict.op.stubs import StubError, grpc_stub
-from remote_predict.op.stubs.inprocess_stub import register_local_server, unregister_local_server
+from remote_predict.op.stubs import StubError, grpc_stub, reset_stubs
+from remote_predict.op.stubs.inprocess_stub import (
+    register_local_server,
+    set_loopback_shortcut,
+    unregister_local_server,
+)
 from remote_predict.serving import config as config_lib
 from remote_predict.serving import config_protos, grpc_api, rest_api
 from remote_predict.serving.data_plane import DataPlane
@@ -100,6 +104,8 @@ class ModelServer:
         options = self.options
         _configure_tensorflow(options)
         targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
+        set_loopback_shortcut(options.remote_predict_loopback_in_process)
+        reset_stubs()  # stubs chosen under the previous settings must not outlive them
         for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
             try:
                 importlib.import_module(module)
@@ -189,9 +195,9 @@ class ModelServer:
 
     # ------------------------------------------------------------------------------------ running
 
-    def _local_predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+    def _local_predict(self, request: predict_pb2.PredictRequest, inputs, timeout: float):
         try:
-            return self.data_plane.predict(request, tensor_content=True)
+            return self.data_plane.predict_arrays(request, inputs, timeout_ms=max(1, round(timeout * 1000)))
         except ServingError as e:
             raise StubError(e.code, e.message) from None
 

@@ -47,7 +47,7 @@ async def _rest_clients(job: dict, record) -> None:
                 async with session.post(job["url"], data=body, headers=headers) as response:
                     await response.read()
                     return "OK" if response.status == 200 else f"HTTP_{response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 return type(e).__name__
 
         await _closed_loop(job, one, record)

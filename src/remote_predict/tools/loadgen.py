@@ -47,7 +47,8 @@ def machine_description() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} CPUs ({cpu}), {system}, Python {platform.python_version()}"
 
 
 class LoadGenerator:

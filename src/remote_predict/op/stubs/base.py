@@ -23,6 +23,10 @@ class StubError(Exception):
 
 
 class PredictionStub(Protocol):
+    """What a stub must do. A stub may also offer `predict_arrays(request, inputs, timeout) ->
+    (model_spec, outputs)`, taking and returning numpy arrays: the op then uses it and skips converting
+    tensors to protos and back (the built-in stubs do)."""
+
     def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
         """Call Predict; raise StubError on failure. `timeout` is in seconds."""
         ...
@@ -72,6 +76,11 @@ def _factory_for(target: str) -> StubFactory:
         return InProcessStub
     if scheme is not None and scheme not in ("dns", "unix", "unix-abstract", "ipv4", "ipv6"):
         raise StubError(Code.INVALID_ARGUMENT, f"no stub is registered for the scheme of target {target!r}")
+    from remote_predict.op.stubs.inprocess_stub import InProcessStub, loopback_port
+
+    port = loopback_port(target)
+    if port is not None:  # this very server: skip the network
+        return lambda _: InProcessStub(f"inprocess:{port}")
     from remote_predict.op.stubs.grpc_stub import GrpcStub
 
     return GrpcStub

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 
 import grpc
-from tensorflow_serving.apis import predict_pb2
+import numpy as np
+from tensorflow_serving.apis import model_pb2, predict_pb2
 
+from remote_predict import wire
 from remote_predict.op.stubs.base import StubError
 from remote_predict.protocol import PREDICTION_SERVICE, TENSOR_CONTENT_METADATA
 
@@ -63,19 +66,22 @@ class GrpcStub:
             self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-        self._predict = self._channel.unary_unary(
-            f"/{PREDICTION_SERVICE}/Predict",
-            request_serializer=predict_pb2.PredictRequest.SerializeToString,
-            response_deserializer=predict_pb2.PredictResponse.FromString,
-        )
+        self._predict = self._channel.unary_unary(f"/{PREDICTION_SERVICE}/Predict")  # bytes in, bytes out
 
-    def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+    def _call(self, data: bytes, timeout: float) -> bytes:
         try:
-            return self._predict(request, timeout=timeout, metadata=TENSOR_CONTENT_METADATA)
+            return self._predict(data, timeout=timeout, metadata=TENSOR_CONTENT_METADATA)
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)
             raise StubError(code.value[0], details or code.name) from None
+
+    def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
+        return predict_pb2.PredictResponse.FromString(self._call(request.SerializeToString(), timeout))
+
+    def predict_arrays(self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray],
+                       timeout: float) -> tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]:
+        return wire.decode_predict_response(self._call(wire.encode_predict_request(request, inputs), timeout))
 
     def close(self) -> None:
         self._channel.close()

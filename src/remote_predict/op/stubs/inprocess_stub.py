@@ -2,19 +2,27 @@
 
 Target `inprocess` means "the server running in this process"; `inprocess:PORT` picks the server whose
 gRPC port is PORT when a process runs several (tests do). Servers register themselves at start.
+
+A gRPC target that names this very server over loopback (`localhost:8500` in a server listening on 8500,
+as in the seed's walk-through) is served in-process too: the answer is the same, without the network.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from tensorflow_serving.apis import predict_pb2
+import numpy as np
+from tensorflow_serving.apis import model_pb2, predict_pb2
 
+from remote_predict import tensor_codec
 from remote_predict.errors import Code
 from remote_predict.op.stubs.base import StubError
 
-LocalPredict = Callable[[predict_pb2.PredictRequest, float], predict_pb2.PredictResponse]
+# (request without inputs, inputs, timeout in seconds) -> (model spec, outputs); raises StubError.
+LocalPredict = Callable[[predict_pb2.PredictRequest, Mapping[str, np.ndarray], float],
+                        tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]]
 
 _lock = threading.Lock()
 _servers: dict[int, LocalPredict] = {}
@@ -28,6 +36,36 @@ def register_local_server(port: int, predict: LocalPredict) -> None:
 def unregister_local_server(port: int) -> None:
     with _lock:
         _servers.pop(port, None)
+
+
+_shortcut = True
+
+
+def set_loopback_shortcut(enabled: bool) -> None:
+    """Whether loopback gRPC targets naming a server of this process are served in-process."""
+    global _shortcut
+    _shortcut = enabled
+
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", "[::]", "ip6-localhost"}
+
+
+def loopback_port(target: str) -> int | None:
+    """The port of a gRPC target that means "a server on this machine", when this process serves it."""
+    if not _shortcut:
+        return None
+    address = target.strip()
+    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if address.lower().startswith(prefix):
+            address = address[len(prefix):]
+            break
+    if "," in address or "/" in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or (host.lower() not in _LOOPBACK and host.lower() != socket.gethostname().lower()
+                              and not host.startswith("127.")):
+        return None
+    return int(port) if int(port) in _servers else None
 
 
 class InProcessStub:
@@ -54,5 +92,15 @@ class InProcessStub:
         raise StubError(Code.FAILED_PRECONDITION,
                         f"{len(servers)} servers run in this process; name one as inprocess:PORT")
 
+    def predict_arrays(self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray],
+                       timeout: float) -> tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]:
+        return self._server()(request, inputs, timeout)
+
     def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
-        return self._server()(request, timeout)
+        inputs = {alias: tensor_codec.to_ndarray(proto) for alias, proto in request.inputs.items()}
+        bare = predict_pb2.PredictRequest(model_spec=request.model_spec, output_filter=request.output_filter)
+        spec, outputs = self.predict_arrays(bare, inputs, timeout)
+        response = predict_pb2.PredictResponse(model_spec=spec)
+        for alias, array in outputs.items():
+            response.outputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=True))
+        return response

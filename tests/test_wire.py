@@ -1,0 +1,80 @@
+"""The zero-copy wire codec must read and write exactly what the generated protobuf classes do."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from remote_predict import tensor_codec, wire
+from remote_predict.errors import ServingError
+
+BIG = 300_000  # elements: past the large-message threshold
+
+
+def request_with(inputs: dict, tensor_content: bool) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.model_spec.version.value = 7
+    request.model_spec.signature_name = "s"
+    request.output_filter.extend(["y", "z"])
+    for alias, array in inputs.items():
+        request.inputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
+    return request
+
+
+ARRAYS = {
+    "f": np.random.default_rng(1).standard_normal((BIG // 3, 3)).astype(np.float32),
+    "i": np.arange(BIG, dtype=np.int64),
+    "h": np.ones((4, 5), np.float16),
+    "b": np.array([True, False]),
+    "s": np.array([b"a", b"\xff\x00"], dtype=object),
+    "e": np.zeros((0, 4), np.float32),
+    "scalar": np.float64(2.5),
+}
+
+
+@pytest.mark.parametrize("tensor_content", [True, False])
+def test_decoding_large_requests_matches_protobuf(tensor_content):
+    data = request_with(ARRAYS, tensor_content).SerializeToString()
+    assert len(data) >= wire.LARGE_MESSAGE_BYTES
+    rest, inputs = wire.decode_predict_request(data)
+    assert rest.model_spec.version.value == 7 and list(rest.output_filter) == ["y", "z"] and not rest.inputs
+    for alias, expected in ARRAYS.items():
+        assert inputs[alias].dtype == np.asarray(expected).dtype
+        np.testing.assert_array_equal(inputs[alias], expected)
+    if tensor_content:
+        assert not inputs["f"].flags.owndata  # a view of the received bytes, not a copy
+
+
+def test_encoding_matches_protobuf():
+    bare = request_with({}, True)
+    data = wire.encode_predict_request(bare, ARRAYS)
+    parsed = predict_pb2.PredictRequest.FromString(data)
+    assert parsed.model_spec == bare.model_spec and list(parsed.output_filter) == ["y", "z"]
+    for alias, expected in ARRAYS.items():
+        np.testing.assert_array_equal(tf.make_ndarray(parsed.inputs[alias]), expected)
+    answer = wire.encode_predict_response(bare.model_spec, ARRAYS, tensor_content=True)
+    spec, outputs = wire.decode_predict_response(answer)
+    assert spec == bare.model_spec
+    for alias, expected in ARRAYS.items():
+        np.testing.assert_array_equal(outputs[alias], expected)
+    typed = predict_pb2.PredictResponse.FromString(wire.encode_predict_response(spec, {"f": ARRAYS["f"][:2]}, False))
+    assert list(typed.outputs["f"].float_val) == ARRAYS["f"][:2].ravel().tolist()
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d[: len(d) // 2],  # truncated
+    lambda d: d + b"\x0f",  # an invalid wire type
+])
+def test_malformed_messages_are_invalid_arguments(mutate):
+    data = mutate(request_with({"f": ARRAYS["f"]}, True).SerializeToString())
+    with pytest.raises(ServingError) as caught:
+        wire.decode_predict_request(data)
+    assert caught.value.code.name == "INVALID_ARGUMENT"
+
+
+def test_content_size_must_match_shape():
+    request = request_with({"f": ARRAYS["f"]}, True)
+    request.inputs["f"].tensor_shape.dim[0].size += 1
+    with pytest.raises(ServingError, match="tensor parsing error: f: tensor_content has"):
+        wire.decode_predict_request(request.SerializeToString())
