@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.data.experimental.ops import testing as data_testing
 
@@ -51,6 +52,22 @@ def slow_scale(export_dir: Path, factor: float, delay_ms: int) -> Path:
         dataset = tf.data.Dataset.from_tensors(x).apply(data_testing.sleep(delay_ms * 1000))
         y = tf.multiply(tf.data.experimental.get_single_element(dataset), factor, name="y")
         return {"serving_default": ({"x": x}, {"y": y})}
+
+    return save(export_dir, build)
+
+
+def dense_stack(export_dir: Path, layers: int = 4, width: int = 1024) -> Path:
+    """y = relu(...relu(x W1)... Wn): per request it reads every weight, so merging requests pays off."""
+    rng = np.random.default_rng(0)
+
+    def build():
+        x = v1.placeholder(tf.float32, [None, width], name="x")
+        h = x
+        for i in range(layers):
+            weights = v1.Variable((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
+                                  name=f"w{i}")
+            h = tf.nn.relu(tf.matmul(h, weights))
+        return {"serving_default": ({"x": x}, {"y": tf.identity(h, name="y")})}
 
     return save(export_dir, build)
 

@@ -50,7 +50,7 @@ class ServerOptions:
     ssl_config_file: str = ""
     saved_model_tags: str = "serve"
     grpc_channel_arguments: str = ""
-    grpc_max_threads: int = max(64, 4 * _CPUS)
+    grpc_max_threads: int = 4 * _CPUS
     enable_model_warmup: bool = True
     monitoring_config_file: str = ""
     # --- remote-predict flags -----------------------------------------------------------------
@@ -91,7 +91,8 @@ _HELP = {
     "ssl_config_file": "text-format SSLConfig file: serve gRPC over TLS",
     "saved_model_tags": "comma-separated MetaGraphDef tags to load",
     "grpc_channel_arguments": "comma-separated gRPC server arguments, key=value",
-    "grpc_max_threads": "threads that run gRPC requests",
+    "grpc_max_threads": "threads that run gRPC requests: the most requests in progress at once, counting "
+                        "those waiting on RemotePredict calls or for a batch to fill",
     "enable_model_warmup": "replay assets.extra/tf_serving_warmup_requests when a version loads",
     "monitoring_config_file": "text-format MonitoringConfig file: Prometheus metrics on the REST port",
     "host": "(remote-predict) address to bind; 127.0.0.1 for loopback only",
