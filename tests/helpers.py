@@ -74,14 +74,15 @@ class Endpoint:
 
     grpc_port: int
     rest_port: int | None
+    host = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def rest(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
+        return f"http://{self.host}:{self.rest_port}"
 
     def channel(self) -> grpc.Channel:
         if getattr(self, "_channel", None) is None:
@@ -154,10 +155,13 @@ class ServerProcess(Endpoint):
     """`remote-predict serve` as a subprocess, as users run it."""
 
     def __init__(self, *argv: str, rest: bool = True, grpc_port: int | None = None, rest_port: int | None = None,
-                 wait: bool = True, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
+                 wait: bool = True, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+                 host: str = "127.0.0.1"):
+        """`prefix` runs the server under another command (`ip netns exec NS`), bound to `host`."""
+        self.host = host
         self.grpc_port = grpc_port or free_port()
         self.rest_port = (rest_port or free_port()) if rest else None
-        args = ["--host=127.0.0.1", f"--port={self.grpc_port}", *argv]
+        args = [f"--host={host}", f"--port={self.grpc_port}", *argv]
         if rest:
             args.append(f"--rest_api_port={self.rest_port}")
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"remote-predict-{self.grpc_port}.log"

@@ -255,3 +255,26 @@ def test_allowed_targets_refuse_without_connecting(leaf, tmp_path):
         watcher.join()
         listener.close()
     assert accepted == [], "a refused target must never see a connection"
+
+
+def test_per_target_metrics_and_one_log_line_per_kind_of_failure(leaf, tmp_path, caplog):
+    dead = f"127.0.0.1:{free_port()}"
+    built = {"dead": models.caller(tmp_path / "dead" / "1", dead, "half_plus_two", returning_status=True),
+             "good": models.caller(tmp_path / "good" / "1", leaf.address, "half_plus_two")}
+    with serve_master(tmp_path, built) as master:
+        x = {"x": np.array([[2.0]], np.float32)}
+        with caplog.at_level("WARNING", logger="remote_predict.remote_calls"):
+            for _ in range(50):
+                assert master.predict("dead", x).outputs["code"].int_val == [14]
+        for _ in range(3):
+            master.predict("good", x)
+        registry = master.server.metrics.registry
+        assert registry.get_sample_value("remote_predict_op_calls_total",
+                                         {"target": dead, "model": "half_plus_two", "code": "UNAVAILABLE"}) == 50
+        assert registry.get_sample_value("remote_predict_op_calls_total",
+                                         {"target": leaf.address, "model": "half_plus_two", "code": "OK"}) == 3
+        assert registry.get_sample_value("remote_predict_op_call_duration_seconds_count", {"target": dead}) == 50
+        assert registry.get_sample_value("remote_predict_op_inflight_calls", {"target": dead}) == 0
+    lines = [r for r in caplog.records if dead in r.getMessage()]
+    assert len(lines) == 1, "repeated identical failures are logged once, not once per request"
+    assert "UNAVAILABLE" in lines[0].getMessage() and "half_plus_two" in lines[0].getMessage()

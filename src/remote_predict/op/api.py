@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from remote_predict.op import pyfunc_registry
+from remote_predict.op import failure_log, pyfunc_registry  # noqa: F401  (failure_log: rate-limited logging)
 from remote_predict.op.config import DEFAULT_DEADLINE_MILLIS, DEFAULT_SIGNATURE, TOKEN_PREFIX, OpConfig
 from remote_predict.op.kernel import RemotePredictKernel
 

@@ -60,6 +60,7 @@ class ServerOptions:
     remote_predict_client_tls_config_file: str = ""
     remote_predict_plugins: str = ""
     remote_predict_loopback_in_process: bool = True
+    remote_predict_max_inflight_per_target: int = 0
     drain_timeout_seconds: float = 30.0
     rest_api_max_body_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 31
@@ -107,6 +108,8 @@ _HELP = {
                               "modules that register custom stubs",
     "remote_predict_loopback_in_process": "(remote-predict) serve RemotePredict calls that name this server over "
                                           "loopback (localhost:PORT) in-process, without the network",
+    "remote_predict_max_inflight_per_target": "(remote-predict) the most RemotePredict calls in flight to one "
+                                              "target; past it calls fail at once (0: half of --grpc_max_threads)",
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",
@@ -202,6 +205,8 @@ def validate(options: ServerOptions) -> None:
     for name in positive:
         if getattr(options, name) <= 0:
             raise FlagError(f"--{name} must be positive")
+    if options.remote_predict_max_inflight_per_target < 0:
+        raise FlagError("--remote_predict_max_inflight_per_target must be >= 0")
     if options.drain_timeout_seconds < 0:
         raise FlagError("--drain_timeout_seconds must be >= 0")
     for argument in filter(None, options.grpc_channel_arguments.split(",")):

@@ -146,8 +146,10 @@ def build_server(
     max_threads: int,
     channel_arguments: list[tuple[str, object]],
 ) -> tuple[grpc.Server, health.HealthServicer]:
-    options = [("grpc.max_receive_message_length", (1 << 31) - 1), ("grpc.max_send_message_length", (1 << 31) - 1),
-               ("grpc.so_reuseport", 0), *channel_arguments]
+    # TF Serving's defaults (messages up to 2 GiB), then --grpc_channel_arguments, which win.
+    defaults = {"grpc.max_receive_message_length": (1 << 31) - 1, "grpc.max_send_message_length": (1 << 31) - 1,
+                "grpc.so_reuseport": 0}
+    options = [*((k, v) for k, v in defaults.items() if k not in dict(channel_arguments)), *channel_arguments]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
                          options=options)
     server.add_generic_rpc_handlers([_prediction_handlers(PredictionServicer(data_plane, metrics))])

@@ -25,7 +25,6 @@ from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.flags import ServerOptions, channel_arguments
 from remote_predict.serving.manager import ManagerOptions, ModelManager
 from remote_predict.serving.metrics import ServerMetrics
-from remote_predict.serving.remote_call_log import FailureLog
 from remote_predict.serving.servable import LoadOptions
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,6 @@ class ModelServer:
         self._config_text: str | None = None
         self._config_thread: threading.Thread | None = None
         self._reload_lock = threading.Lock()
-        self._failure_log = FailureLog()
 
     # ---------------------------------------------------------------------------------- start-up
 
@@ -105,6 +103,8 @@ class ModelServer:
         _configure_tensorflow(options)
         targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
         set_loopback_shortcut(options.remote_predict_loopback_in_process)
+        kernel.set_max_inflight_per_target(
+            options.remote_predict_max_inflight_per_target or max(1, options.grpc_max_threads // 2))
         reset_stubs()  # stubs chosen under the previous settings must not outlive them
         for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
             try:
@@ -112,10 +112,9 @@ class ModelServer:
             except Exception as e:
                 raise ServingError(Code.FAILED_PRECONDITION, f"--remote_predict_plugins: cannot import {module}: "
                                    f"{type(e).__name__}: {e}") from None
-        if options.remote_predict_client_tls_config_file:
-            grpc_stub.set_client_credentials(client_credentials(options.remote_predict_client_tls_config_file))
+        tls = options.remote_predict_client_tls_config_file
+        grpc_stub.set_client_credentials(client_credentials(tls) if tls else None)
         kernel.add_observer(self.metrics.on_remote_call)
-        kernel.add_observer(self._failure_log)
         kernel.add_inflight_observer(self.metrics.on_remote_inflight)
         try:
             configs = self._model_configs()
@@ -244,6 +243,5 @@ class ModelServer:
         if self.data_plane is not None and self.data_plane.batcher is not None:
             self.data_plane.batcher.close()
         kernel.remove_observer(self.metrics.on_remote_call)
-        kernel.remove_observer(self._failure_log)
         kernel.remove_inflight_observer(self.metrics.on_remote_inflight)
 

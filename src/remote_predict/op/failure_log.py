@@ -1,4 +1,8 @@
-"""Logs failed RemotePredict calls once per kind of failure, not once per request."""
+"""Logs failed RemotePredict calls once per kind of failure, not once per request.
+
+One per process (installed by the op's API module): under a failing target every request fails the
+same way, and one line every ten seconds, with a count, says as much as a line per request.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import threading
 import time
 
 from remote_predict.errors import Code
-from remote_predict.op.kernel import CallRecord
+from remote_predict.op.kernel import CallRecord, add_observer
 
 log = logging.getLogger("remote_predict.remote_calls")
 
@@ -33,3 +37,6 @@ class FailureLog:
             self._last[key] = (now, 0)
         more = f" ({suppressed} more like it in the last {now - last:.0f}s)" if suppressed else ""
         log.warning("%s (%s)%s", record.message, record.code.name, more)  # the message names target and model
+
+
+add_observer(FailureLog())
