@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench bench-quick clean
+.PHONY: setup demo test lint format bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ lint: setup
 
 format: setup
 	$(BIN)/ruff format src tests examples benchmarks
+
+# The hop-cost benchmark suite (about 25 minutes on 2 CPUs), and a reduced run (under a minute).
+bench: setup
+	$(BIN)/python benchmarks/suite.py --write benchmarks/RESULTS.md
+
+bench-quick: setup
+	$(BIN)/python benchmarks/suite.py --quick
+
+# 100,000 requests through a master and two leaves: errors must be 0, memory flat.
+soak: setup
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ commands:
   export    write the seed's example models (half_plus_two, half_plus_two_with_rpop)
   demo      run the seed's walk-through end to end on this machine
   bench     load a TF Serving-compatible server; report requests/s and latency per concurrency
+  split     split a Keras model: shard its embedding tables over servers, or cut it into base and head
 
 Run `remote-predict COMMAND --help` for a command's options.
 """
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from remote_predict.tools import bench
 
         return bench.main(rest)
+    if command == "split":
+        from remote_predict.split import cli as split_cli
+
+        return split_cli.main(rest)
     if command == "demo":
         from remote_predict.tools import demo
 

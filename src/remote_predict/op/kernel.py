@@ -8,7 +8,6 @@ output_tensor_aliases]`, outputs are `[status_code, status_error_message, *outpu
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from remote_predict import tensor_codec
 from remote_predict.errors import Code, ServingError
 from remote_predict.op.config import OpConfig
 from remote_predict.op.errors import RemotePredictError
+from remote_predict.op.inflight import targets as _targets
 from remote_predict.op.stubs import StubError, stub_for
 
 log = logging.getLogger(__name__)
@@ -64,39 +64,6 @@ def remove_inflight_observer(observer: Callable[[str, int], None]) -> None:
 def _notify_inflight(target: str, delta: int) -> None:
     for observer in _inflight_observers:
         observer(target, delta)
-
-
-class _InflightLimit:
-    """At most `limit` calls in flight per target (0: no limit).
-
-    A call waits in a thread for its answer, so a target that stops answering holds one thread per call
-    until the deadline. The limit keeps one such target from taking every thread of the server: past it,
-    calls to that target fail at once with RESOURCE_EXHAUSTED while other targets and models go on.
-    """
-
-    def __init__(self) -> None:
-        self.limit = 0
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-
-    def enter(self, target: str) -> bool:
-        with self._lock:
-            count = self._counts.get(target, 0)
-            if self.limit and count >= self.limit:
-                return False
-            self._counts[target] = count + 1
-            return True
-
-    def leave(self, target: str) -> None:
-        with self._lock:
-            self._counts[target] -= 1
-
-
-_inflight = _InflightLimit()
-
-
-def set_max_inflight_per_target(limit: int) -> None:
-    _inflight.limit = max(0, limit)
 
 
 def build_request(config: OpConfig, output_aliases: Sequence[str]) -> predict_pb2.PredictRequest:
@@ -157,10 +124,10 @@ def call_remote(
     """Run one remote Predict; returns (code, message, outputs) and never raises for call failures."""
     start = time.perf_counter()
     target = config.target_address
-    if not _inflight.enter(target):
-        code, message = Code.RESOURCE_EXHAUSTED, describe_failure(
-            config, f"{_inflight.limit} calls to this target are already in flight "
-                    "(--remote_predict_max_inflight_per_target)")
+    deadline = config.max_rpc_deadline_millis / 1000
+    call, code, message = _targets.begin(target, deadline)
+    if call is None:
+        message = describe_failure(config, message)
         _report(CallRecord(target, config.model_name, code, message, 0.0))
         return code, message, []
     _notify_inflight(target, +1)
@@ -180,14 +147,17 @@ def call_remote(
             )
         stub = stub_for(target)
         request = build_request(config, output_aliases)
-        answer = _call_stub(stub, request, _named_inputs(input_aliases, inputs), config.max_rpc_deadline_millis / 1000)
+        answer = _call_stub(stub, request, _named_inputs(input_aliases, inputs), deadline)
         outputs = _check_outputs(config, answer, output_aliases)
         code, message = Code.OK, ""
     except (StubError, ServingError) as e:
         code, message, outputs = e.code, describe_failure(config, e.message), []
     finally:
         _notify_inflight(target, -1)
-        _inflight.leave(target)
+        _targets.end(target, call)
+    if call.shed and code != Code.OK:
+        code, message = Code.UNAVAILABLE, describe_failure(
+            config, "cancelled: the target stopped answering another call (failing fast until it answers again)")
     _report(CallRecord(target, config.model_name, code, message, time.perf_counter() - start))
     return code, message, outputs
 

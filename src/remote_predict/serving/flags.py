@@ -109,7 +109,7 @@ _HELP = {
     "remote_predict_loopback_in_process": "(remote-predict) serve RemotePredict calls that name this server over "
                                           "loopback (localhost:PORT) in-process, without the network",
     "remote_predict_max_inflight_per_target": "(remote-predict) the most RemotePredict calls in flight to one "
-                                              "target; past it calls fail at once (0: half of --grpc_max_threads)",
+                                              "target; past it calls fail at once (0: no limit)",
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",

@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from remote_predict.errors import Code, ServingError
-from remote_predict.op import kernel, targets
+from remote_predict.op import inflight, kernel, targets
 from remote_predict.op.stubs import StubError, grpc_stub, reset_stubs
 from remote_predict.op.stubs.inprocess_stub import (
     register_local_server,
@@ -103,8 +103,7 @@ class ModelServer:
         _configure_tensorflow(options)
         targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
         set_loopback_shortcut(options.remote_predict_loopback_in_process)
-        kernel.set_max_inflight_per_target(
-            options.remote_predict_max_inflight_per_target or max(1, options.grpc_max_threads // 2))
+        inflight.set_max_inflight_per_target(options.remote_predict_max_inflight_per_target)
         reset_stubs()  # stubs chosen under the previous settings must not outlive them
         for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
             try:

@@ -11,6 +11,7 @@ import numpy as np
 from tensorflow_serving.apis import model_pb2, predict_pb2
 
 from remote_predict import wire
+from remote_predict.op.inflight import register_cancel, should_give_up
 from remote_predict.op.stubs.base import StubError
 from remote_predict.protocol import PREDICTION_SERVICE, TENSOR_CONTENT_METADATA
 
@@ -47,6 +48,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
+_SHED_CHECK_SECONDS = 0.05  # how often a waiting call asks whether its target has stalled
 _credentials_lock = threading.Lock()
 _client_credentials: grpc.ChannelCredentials | None = None
 
@@ -69,8 +71,18 @@ class GrpcStub:
         self._predict = self._channel.unary_unary(f"/{PREDICTION_SERVICE}/Predict")  # bytes in, bytes out
 
     def _call(self, data: bytes, timeout: float) -> bytes:
+        future = self._predict.future(data, timeout=timeout, metadata=TENSOR_CONTENT_METADATA)
+        register_cancel(future.cancel)  # the op sheds calls to a target that stopped answering
         try:
-            return self._predict(data, timeout=timeout, metadata=TENSOR_CONTENT_METADATA)
+            while True:
+                try:
+                    return future.result(timeout=_SHED_CHECK_SECONDS)
+                except grpc.FutureTimeoutError:
+                    if should_give_up():
+                        future.cancel()
+                        raise grpc.FutureCancelledError() from None
+        except grpc.FutureCancelledError:
+            raise StubError(grpc.StatusCode.CANCELLED.value[0], "cancelled") from None
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)

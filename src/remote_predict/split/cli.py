@@ -1,0 +1,234 @@
+"""`remote-predict split`: cut a Keras model into pieces that servers host, with RemotePredict ops between.
+
+Two ways to split:
+
+* Sharding tables (the default): every Embedding table larger than --threshold_mib (or those named by
+  --tables) is sharded by rows over --shards servers. Written: one shard SavedModel per table and shard
+  (signature `lookup`: ids -> embeddings), a master SavedModel that sends each shard its ids concurrently
+  and runs the rest of the model, a model config per server, launch.sh and a Procfile.
+* --cut LAYER: the model up to LAYER becomes a base model, the rest a head model whose input comes from a
+  RemotePredict call to the base (host one base, call it from several heads).
+
+Version N of a master calls version N of its shards. A roll-out writes the shards of version N+1 beside
+version N (shard servers keep the latest two), waits until they are loaded (--wait_for_shards), then
+writes master N+1: the master swaps over with no gap, and every answer comes from one version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import keras
+import tensorflow as tf
+
+from remote_predict.op import api as remote_predict
+from remote_predict.split import deploy, models, writers
+from remote_predict.split.keras_archive import KerasArchive
+from remote_predict.split.partition import STRATEGIES, Partition
+
+SHARD_POLICY = "latest { num_versions: 2 }"  # a master's version N and N+1 may both be live in a roll-out
+
+
+def _parse_addresses(text: str, count: int, base_port: int) -> list[str]:
+    if not text:
+        return [f"localhost:{base_port + k}" for k in range(count)]
+    addresses = [a.strip() for a in text.replace("\n", ";").split(";") if a.strip()]
+    if len(addresses) != count:
+        raise SystemExit(f"--shard_addresses lists {len(addresses)} addresses for {count} shards "
+                         "(separate shards with ';', replicas of one shard with ',')")
+    return addresses
+
+
+def _choose_tables(archive: KerasArchive, names: str, threshold_mib: float) -> list:
+    embeddings = [e for e in archive.layers if e.class_name == "Embedding"]
+    if names:
+        chosen = []
+        for name in (n.strip() for n in names.split(",") if n.strip()):
+            entry = archive.layer(name)
+            if entry.class_name != "Embedding":
+                raise SystemExit(f"--tables: layer {name!r} is a {entry.class_name}, not an Embedding")
+            chosen.append(entry)
+        return chosen
+    chosen = [e for e in embeddings if archive.table(e).nbytes > threshold_mib * (1 << 20)]
+    if not chosen:
+        sizes = ", ".join(f"{e.name} {archive.table(e).nbytes / (1 << 20):.1f} MiB" for e in embeddings) or "none"
+        raise SystemExit(f"no Embedding table is larger than {threshold_mib:g} MiB (tables: {sizes}); "
+                         "name the tables to shard with --tables, or lower --threshold_mib")
+    return chosen
+
+
+def _wait_for_versions(addresses: dict[str, list[str]], version: int, timeout: float) -> None:
+    """Block until every (model, address) reports `version` AVAILABLE."""
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    for model, targets in addresses.items():
+        for target in targets:
+            with grpc.insecure_channel(target) as channel:
+                stub = model_service_pb2_grpc.ModelServiceStub(channel)
+                while True:
+                    request = get_model_status_pb2.GetModelStatusRequest()
+                    request.model_spec.name = model
+                    request.model_spec.version.value = version
+                    try:
+                        states = stub.GetModelStatus(request, timeout=5).model_version_status
+                        if any(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in states):
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{model} version {version} is not AVAILABLE at {target} after "
+                                         f"{timeout:.0f}s; not writing the master")
+                    time.sleep(0.5)
+            print(f"  {model} version {version} is AVAILABLE at {target}", file=sys.stderr)
+
+
+def _split_tables(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
+    tables = _choose_tables(archive, args.tables, args.threshold_mib)
+    addresses = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port)
+    out = os.path.abspath(args.output_dir)
+    plans, shard_models = [], {k: {} for k in range(args.shards)}
+    for entry in tables:
+        table = archive.table(entry)
+        rows, dim = table.shape
+        partition = Partition(args.partition, rows, args.shards)
+        model_names = tuple(f"{name}_{entry.name}_shard_{k}" for k in range(args.shards))
+        plans.append(models.TablePlan(entry.name, rows, dim, args.partition, tuple(addresses), model_names))
+        for k in range(args.shards):
+            path = os.path.join(out, "shards", model_names[k])
+            shard_models[k][model_names[k]] = path
+            if args.only in ("all", "shards"):
+                label = f"table {entry.name} ({rows} x {dim}) shard {k + 1}/{args.shards}"
+                rows_k = writers.shard_rows(archive, entry, partition, k, writers.Progress(label))
+                writers.write_shard(os.path.join(path, str(args.version)), rows_k)
+                del rows_k
+    if args.only in ("all", "master") and args.wait_for_shards:
+        wanted = {shard_name: [addresses[k]] for k in range(args.shards) for shard_name in shard_models[k]}
+        _wait_for_versions(wanted, args.version, args.wait_timeout)
+    if args.only in ("all", "master"):
+        print(f"  master {name} version {args.version}", file=sys.stderr)
+        master = models.master_model(archive, plans, args.version, args.deadline_ms)
+        writers.write_keras(os.path.join(out, "master", str(args.version)), master)
+    if args.export_unsplit:
+        print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
+        writers.write_keras(os.path.join(out, "unsplit", str(args.version)), keras.models.load_model(args.model))
+    servers = [deploy.Server("master", {name: os.path.join(out, "master")}, [args.master_port],
+                             rest_port=args.master_rest_port)]
+    for k in range(args.shards):
+        ports, others = deploy.local_ports(addresses[k])
+        servers.append(deploy.Server(f"shard_{k}", shard_models[k], ports, policy=SHARD_POLICY, remote_hosts=others))
+    return servers
+
+
+def _write_consumer(path: str, head: keras.Model, archive: KerasArchive, base_inputs: list[str],
+                    needed: list[str], target: str, base_model: str, version: int, deadline_ms: int) -> list[str]:
+    """The head, served with the original model's inputs: it calls the base for the cut layer's output."""
+    specs = {}
+    for layer in archive.config["config"]["layers"]:
+        if layer["class_name"] == "InputLayer":
+            config = layer["config"]
+            specs[config["name"]] = tf.TensorSpec(config["batch_shape"], config["dtype"], name=config["name"])
+    inputs = [name for name in specs if name in base_inputs or name in needed]
+    cut_spec = head.inputs[0]
+    cut_dtype = tf.as_dtype(cut_spec.dtype)
+
+    def call_base(*values):
+        result = remote_predict.run(base_inputs, list(values), ["output_0"], target_address=target,
+                                    model_name=base_model, model_version=version,
+                                    max_rpc_deadline_millis=deadline_ms, output_types=[cut_dtype],
+                                    name="call_base")[0]
+        result.set_shape(cut_spec.shape)
+        return result
+
+    base_call = tf.compat.v1.wrap_function(call_base, [specs[n] for n in base_inputs])
+
+    def serve(*values):
+        by_name = dict(zip(inputs, values, strict=True))
+        head_inputs = [base_call(*(by_name[n] for n in base_inputs)), *(by_name[n] for n in needed)]
+        return head(head_inputs if len(head_inputs) > 1 else head_inputs[0])
+
+    archive_ = keras.export.ExportArchive()
+    archive_.track(head)
+    archive_.add_endpoint("serving_default", serve, input_signature=[specs[n] for n in inputs])
+    with writers.atomic_directory(path) as scratch:
+        archive_.write_out(scratch, verbose=False)
+    return inputs
+
+
+def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
+    out = os.path.abspath(args.output_dir)
+    base_name = args.base_name or f"{name}_base"
+    base, head, needed = models.cut_models(archive, args.cut)
+    base_inputs = [tensor.name for tensor in base.inputs]  # the names its exported signature takes
+    if args.only in ("all", "shards"):
+        print(f"  base {base_name} version {args.version}: inputs {base_inputs} -> {args.cut}", file=sys.stderr)
+        writers.write_keras(os.path.join(out, "base", str(args.version)), base)
+    if args.only in ("all", "master"):
+        path = os.path.join(out, "head", str(args.version))
+        inputs = _write_consumer(path, head, archive, base_inputs, needed, args.base_address, base_name,
+                                 args.version, args.deadline_ms)
+        print(f"  head {name} version {args.version}: inputs {inputs}, calls {base_name} at {args.base_address}",
+              file=sys.stderr)
+    ports, others = deploy.local_ports(args.base_address)
+    head_server = deploy.Server("head", {name: os.path.join(out, "head")}, [args.master_port],
+                                rest_port=args.master_rest_port)
+    base_server = deploy.Server("base", {base_name: os.path.join(out, "base")}, ports, policy=SHARD_POLICY,
+                                remote_hosts=others)
+    return [head_server, base_server]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="remote-predict split", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a .keras file")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--name", help="model name the master (or head) is served under (default: the model's)")
+    parser.add_argument("--version", type=int, default=1, help="version written (default 1)")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--tables", default="", help="comma-separated Embedding layers to shard (overrides the "
+                                                     "size threshold)")
+    parser.add_argument("--threshold_mib", type=float, default=64.0,
+                        help="shard every Embedding table larger than this (default 64 MiB)")
+    parser.add_argument("--partition", choices=STRATEGIES, default="mod", help="mod or div, as tf.nn.embedding_lookup")
+    parser.add_argument("--shard_addresses", default="",
+                        help="where the master calls each shard: ';' between shards, ',' between replicas of a "
+                             "shard (gRPC name syntax: 'ipv4:127.0.0.1:9000,127.0.0.1:9100;localhost:9001'); "
+                             "default localhost:9000, 9001, ...")
+    parser.add_argument("--shard_base_port", type=int, default=9000)
+    parser.add_argument("--master_port", type=int, default=8500)
+    parser.add_argument("--master_rest_port", type=int, default=8501)
+    parser.add_argument("--deadline_ms", type=int, default=10000, help="the RemotePredict calls' deadline")
+    parser.add_argument("--only", choices=["all", "shards", "master"], default="all",
+                        help="write only the shards (or the base) or only the master (or the head)")
+    parser.add_argument("--wait_for_shards", action="store_true",
+                        help="before writing the master, wait until every shard server has this version loaded")
+    parser.add_argument("--wait_timeout", type=float, default=600.0)
+    parser.add_argument("--export_unsplit", action="store_true",
+                        help="also export the whole model as a SavedModel (loads every table into memory)")
+    parser.add_argument("--cut", help="split at this layer instead: base = up to it, head = the rest")
+    parser.add_argument("--base_name", help="model name of the base (default: NAME_base)")
+    parser.add_argument("--base_address", default="localhost:9000", help="where the head calls the base")
+    args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
+    started = time.monotonic()
+    with KerasArchive(args.model) as archive:
+        name = args.name or archive.config["config"].get("name") or os.path.splitext(os.path.basename(args.model))[0]
+        print(f"remote-predict split {args.model} -> {args.output_dir}", file=sys.stderr)
+        servers = _split_cut(args, archive, name) if args.cut else _split_tables(args, archive, name)
+    written = deploy.write(args.output_dir, servers)
+    manifest = {"model": os.path.abspath(args.model), "name": name, "version": args.version,
+                "mode": "cut" if args.cut else "tables", "servers": {s.name: s.ports for s in servers}}
+    with open(os.path.join(args.output_dir, "split.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    launch = os.path.join(args.output_dir, "launch.sh")
+    print(f"done in {time.monotonic() - started:.1f}s; start everything with {launch}", file=sys.stderr)
+    for path in written:
+        print(path)
+    return 0
+

@@ -1,0 +1,183 @@
+"""Building the master and the cut pieces as Keras models, from the archive's config and weights.
+
+The original model is never built whole (its tables could be larger than memory): the config is edited
+first (a sharded Embedding becomes a ShardedEmbedding; a cut layer becomes an Input), the edited model is
+built, and only the weights it still needs are read from the archive.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from remote_predict.split.keras_archive import KerasArchive
+from remote_predict.split.sharded_embedding import ShardedEmbedding
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    layer: str
+    rows: int
+    dim: int
+    strategy: str
+    targets: tuple[str, ...]
+    shard_models: tuple[str, ...]
+
+
+def _build(config: dict) -> keras.Model:
+    with keras.saving.custom_object_scope({"ShardedEmbedding": ShardedEmbedding}):
+        return keras.saving.deserialize_keras_object(config)
+
+
+def _load_weights(model: keras.Model, archive: KerasArchive, skip: Iterable[str]) -> None:
+    skip = set(skip)
+    for layer in model.layers:
+        if layer.name in skip or not layer.weights:
+            continue
+        entry = archive.layer(layer.name)
+        if archive.has_nested_variables(entry):
+            raise ValueError(f"layer {layer.name!r} ({entry.class_name}) keeps its weights in nested layers, "
+                             "which split does not read yet")
+        stored = archive.own_variables(entry)
+        if len(stored) != len(layer.weights):
+            raise ValueError(f"layer {layer.name!r}: the archive holds {len(stored)} variables, the layer "
+                             f"{len(layer.weights)}")
+        layer.load_own_variables({key: np.asarray(value) for key, value in stored.items()})
+
+
+def master_model(archive: KerasArchive, tables: Sequence[TablePlan], version: int, deadline_ms: int) -> keras.Model:
+    """The original model with each planned table replaced by a ShardedEmbedding, other weights loaded."""
+    config = copy.deepcopy(archive.config)
+    plans = {t.layer: t for t in tables}
+    for layer in config["config"]["layers"]:
+        name = layer.get("name") or layer["config"]["name"]
+        plan = plans.get(name)
+        if plan is None:
+            continue
+        original = layer["config"]
+        layer["class_name"] = "ShardedEmbedding"
+        layer["module"] = None
+        layer["registered_name"] = "remote_predict>ShardedEmbedding"
+        layer["config"] = {
+            "name": name, "trainable": False, "dtype": original.get("dtype"),
+            "input_dim": plan.rows, "output_dim": plan.dim, "targets": list(plan.targets),
+            "shard_models": list(plan.shard_models), "partition_strategy": plan.strategy,
+            "model_version": version, "deadline_ms": deadline_ms, "mask_zero": original.get("mask_zero", False),
+        }
+        layer.pop("build_config", None)
+    model = _build(config)
+    _load_weights(model, archive, skip=plans)
+    return model
+
+
+def _layer_name(layer: dict) -> str:
+    return layer.get("name") or layer["config"]["name"]
+
+
+def _history(value, found: list[str]) -> None:
+    """Layer names referenced by keras tensors anywhere in a serialized call's arguments."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            found.append(value["config"]["keras_history"][0])
+        for item in value.values():
+            _history(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _history(item, found)
+
+
+def _outputs(config: dict) -> list[str]:
+    outputs = config["config"]["output_layers"]
+    if outputs and isinstance(outputs[0], str):
+        outputs = [outputs]
+    return [o[0] for o in outputs]
+
+
+def cut_models(archive: KerasArchive, cut: str) -> tuple[keras.Model, keras.Model, list[str]]:
+    """(base, head, original inputs the head needs beside the base's output).
+
+    The base maps the model's inputs to the cut layer's output. The head takes the cut layer's output (as
+    an input named after the layer) and any original inputs that the layers after the cut still use.
+    """
+    archive.layer(cut)  # a clear error for an unknown layer
+    if archive.config["class_name"] == "Sequential":
+        return _cut_sequential(archive, cut)
+    config = archive.config["config"]
+    by_name = {_layer_name(layer): layer for layer in config["layers"]}
+    depends: dict[str, list[str]] = {}
+    for name, layer in by_name.items():
+        found: list[str] = []
+        _history(layer.get("inbound_nodes", []), found)
+        depends[name] = found
+    # The head: every layer the outputs reach without passing through the cut.
+    head, stack = set(), list(_outputs(archive.config))
+    while stack:
+        name = stack.pop()
+        if name in head or name == cut:
+            continue
+        head.add(name)
+        stack.extend(depends[name])
+    if cut in head or not any(cut in depends[name] for name in head):
+        raise ValueError(f"the outputs do not depend on layer {cut!r}: nothing to cut there")
+    inputs = [i[0] for i in config["input_layers"]] if isinstance(config["input_layers"][0], list) \
+        else [config["input_layers"][0]]
+    needed = [name for name in inputs if name in head]
+    base, stack = set(), [cut]  # the base: every layer the cut layer's output depends on
+    while stack:
+        name = stack.pop()
+        if name not in base:
+            base.add(name)
+            stack.extend(depends[name])
+    base_config = copy.deepcopy(archive.config)
+    base_config["config"]["layers"] = [copy.deepcopy(layer) for layer in config["layers"] if _layer_name(layer) in base]
+    base_config["config"]["input_layers"] = [[name, 0, 0] for name in inputs if name in base]
+    base_config["config"]["output_layers"] = [[cut, 0, 0]]
+    base_config["config"]["name"] = f"{config['name']}_base"
+    base_model = _build(base_config)
+    _load_weights(base_model, archive, skip=())
+    cut_layer = by_name[cut]
+    cut_shape = [None, *list(base_model.outputs[0].shape)[1:]]
+    head_config = copy.deepcopy(archive.config)
+    head_layers = [{"module": "keras.layers", "class_name": "InputLayer", "registered_name": None, "name": cut,
+                    "config": {"batch_shape": cut_shape, "dtype": _dtype_name(cut_layer), "name": cut},
+                    "inbound_nodes": []}]
+    head_layers += [copy.deepcopy(layer) for layer in config["layers"] if _layer_name(layer) in head]
+    head_config["config"]["layers"] = head_layers
+    head_config["config"]["input_layers"] = [[cut, 0, 0]] + [[name, 0, 0] for name in needed]
+    head_config["config"]["name"] = f"{config['name']}_head"
+    head_model = _build(head_config)
+    _load_weights(head_model, archive, skip=())
+    return base_model, head_model, needed
+
+
+def _cut_sequential(archive: KerasArchive, cut: str) -> tuple[keras.Model, keras.Model, list[str]]:
+    config = archive.config["config"]
+    layers = config["layers"]
+    index = [_layer_name(layer) for layer in layers].index(cut)
+    if index == len(layers) - 1:
+        raise ValueError(f"layer {cut!r} is the last layer: nothing would be left for the head")
+    base_config = copy.deepcopy(archive.config)
+    base_config["config"]["layers"] = copy.deepcopy(layers[:index + 1])
+    base_config["config"]["name"] = f"{config['name']}_base"
+    base = _build(base_config)
+    _load_weights(base, archive, skip=())
+    head_config = copy.deepcopy(archive.config)
+    head_input = {"module": "keras.layers", "class_name": "InputLayer", "registered_name": None, "name": cut,
+                  "config": {"batch_shape": [None, *list(base.outputs[0].shape)[1:]],
+                             "dtype": _dtype_name(layers[index]), "name": cut}}
+    head_config["config"]["layers"] = [head_input, *copy.deepcopy(layers[index + 1:])]
+    head_config["config"]["name"] = f"{config['name']}_head"
+    head = _build(head_config)
+    _load_weights(head, archive, skip=())
+    return base, head, []
+
+
+def _dtype_name(layer: dict) -> str:
+    dtype = layer["config"].get("dtype")
+    if isinstance(dtype, dict):
+        return dtype.get("config", {}).get("name", "float32")
+    return dtype or "float32"

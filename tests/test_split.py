@@ -1,0 +1,220 @@
+"""`remote-predict split`: shard tables over real servers and compare every answer with the unsplit model."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from helpers import InProcessServer, ServerProcess, free_port, wait_until, write_config
+from remote_predict.split import cli as split_cli
+from remote_predict.split.partition import Partition
+
+
+def recommender(path, users=100, items=50, dim=8, seed=0) -> str:
+    """Two tables, ids of two shapes: a user id [1] and three item ids [3]."""
+    keras.utils.set_random_seed(seed)
+    user = keras.Input(shape=(1,), dtype="int32", name="user")
+    items_in = keras.Input(shape=(3,), dtype="int32", name="items")
+    u = keras.layers.Embedding(users, dim, name="user_table")(user)
+    i = keras.layers.Embedding(items, dim, name="item_table", embeddings_initializer="normal")(items_in)
+    x = keras.layers.Flatten()(keras.layers.Concatenate(axis=1)([u, i]))
+    x = keras.layers.Dense(16, activation="relu", name="tower")(x)
+    out = keras.layers.Dense(1, name="score")(x)
+    model = keras.Model([user, items_in], out, name="rec")
+    model.save(path)
+    return str(path)
+
+
+def sequential(path, rows=40) -> str:
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5,), dtype="int32", name="tokens"),
+                              keras.layers.Embedding(rows, 4, name="words", embeddings_initializer="normal"),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2, name="logits")],
+                             name="seq")
+    model.save(path)
+    return str(path)
+
+
+class Split:
+    """A split written by the CLI, served: shard servers and a master (plus the unsplit model) in-process."""
+
+    def __init__(self, model: str, out, shards: int, *flags: str, name: str = "rec"):
+        self.ports = [free_port() for _ in range(shards)]
+        addresses = ";".join(f"127.0.0.1:{p}" for p in self.ports)
+        assert split_cli.main([model, f"--output_dir={out}", f"--shards={shards}", f"--shard_addresses={addresses}",
+                               "--export_unsplit", f"--name={name}", *flags]) == 0
+        self.shards = [InProcessServer(f"--model_config_file={out / 'config' / f'shard_{k}.config'}",
+                                       "--file_system_poll_wait_seconds=0", rest=False, grpc_port=port)
+                       for k, port in enumerate(self.ports)]
+        config = write_config(out / "both.config", {name: out / "master", "unsplit": out / "unsplit"})
+        self.master = InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
+                                      "--remote_predict_loopback_in_process=false")
+        self.name = name
+
+    def answers(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        return (tf.make_ndarray(self.master.predict(self.name, inputs).outputs["output_0"]),
+                tf.make_ndarray(self.master.predict("unsplit", inputs).outputs["output_0"]))
+
+    def stop(self) -> None:
+        for server in [self.master, *self.shards]:
+            server.stop()
+
+
+def random_ids(rng, batch, users=100, items=50):
+    return {"user": rng.integers(0, users, (batch, 1)).astype(np.int32),
+            "items": rng.integers(0, items, (batch, 3)).astype(np.int32)}
+
+
+@pytest.mark.parametrize(("strategy", "shards"), [("mod", 1), ("mod", 2), ("mod", 4), ("div", 2), ("div", 4)])
+def test_split_answers_bit_for_bit(tmp_path, strategy, shards):
+    model = recommender(tmp_path / "rec.keras")
+    split = Split(model, tmp_path / "out", shards, f"--partition={strategy}", "--tables=user_table,item_table")
+    try:
+        rng = np.random.default_rng(shards)
+        for batch in (1, 7, 64):
+            got, expected = split.answers(random_ids(rng, batch))
+            assert got.dtype == np.float32 and got.shape == (batch, 1)
+            assert got.tobytes() == expected.tobytes(), "split answers must equal the unsplit model's bit for bit"
+        # Duplicate ids, the first and last rows, a negative id (counted from the end, as Keras does).
+        same = {"user": np.full((5, 1), 99, np.int32), "items": np.tile(np.array([[0, 49, -1]], np.int32), (5, 1))}
+        got, expected = split.answers(same)
+        assert got.tobytes() == expected.tobytes()
+        empty = {"user": np.zeros((0, 1), np.int32), "items": np.zeros((0, 3), np.int32)}
+        got, expected = split.answers(empty)
+        assert got.shape == expected.shape == (0, 1)
+        for bad in ({"user": np.array([[100]], np.int32), "items": np.array([[1, 2, 3]], np.int32)},
+                    {"user": np.array([[1]], np.int32), "items": np.array([[1, -51, 3]], np.int32)}):
+            codes = []
+            for model_name in (split.name, "unsplit"):
+                with pytest.raises(grpc.RpcError) as caught:
+                    split.master.predict(model_name, bad)
+                codes.append(caught.value.code())
+                assert "is not in [0, " in caught.value.details(), caught.value.details()
+            assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    finally:
+        split.stop()
+
+
+def test_sequential_model_and_ids_of_another_shape(tmp_path):
+    model = sequential(tmp_path / "seq.keras")
+    split = Split(model, tmp_path / "out", 3, "--threshold_mib=0", "--partition=div", name="seq")
+    try:
+        tokens = np.random.default_rng(0).integers(0, 40, (6, 5)).astype(np.int32)
+        got, expected = split.answers({"tokens": tokens})
+        assert got.tobytes() == expected.tobytes()
+    finally:
+        split.stop()
+
+
+def test_partition_strategies_agree_with_tf_embedding_lookup():
+    for strategy in ("mod", "div"):
+        for rows, shards in ((10, 3), (7, 7), (100, 4), (3, 5)):
+            partition = Partition(strategy, rows, shards)
+            table = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+            ids = np.arange(rows)
+            shard_of, local = partition.assign(ids)
+            parts = [table[shard_of == k][np.argsort(local[shard_of == k])] for k in range(shards)]
+            assert [len(p) for p in parts] == [partition.shard_rows(k) for k in range(shards)]
+            assert sum(len(p) for p in parts) == rows
+            if all(len(p) for p in parts):  # TensorFlow's lookup wants no empty shard
+                theirs = tf.compat.v1.nn.embedding_lookup([tf.constant(p) for p in parts], ids,
+                                                          partition_strategy=strategy)
+                np.testing.assert_array_equal(theirs.numpy(), table)
+            shard_tf, local_tf = partition.assign_tf(tf.constant(ids, tf.int64))
+            np.testing.assert_array_equal(shard_tf.numpy(), shard_of)
+            np.testing.assert_array_equal(local_tf.numpy(), local)
+
+
+def test_table_choice_and_refusals(tmp_path, capsys):
+    model = recommender(tmp_path / "rec.keras")
+    with pytest.raises(SystemExit, match="no Embedding table is larger than 64 MiB"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'a'}"])
+    with pytest.raises(SystemExit, match="is a Dense, not an Embedding"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'b'}", "--tables=tower"])
+    with pytest.raises(SystemExit, match="lists 1 addresses for 2 shards"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'c'}", "--tables=user_table", "--shard_addresses=a:1"])
+    assert split_cli.main([model, f"--output_dir={tmp_path / 'd'}", "--threshold_mib=0.002"]) == 0
+    written = (tmp_path / "d" / "config" / "shard_0.config").read_text()
+    assert "rec_user_table_shard_0" in written and "rec_item_table_shard_0" not in written  # 3.2 kB vs 1.6 kB
+
+
+def test_launch_script_starts_a_working_deployment(tmp_path):
+    model = recommender(tmp_path / "rec.keras")
+    ports = [free_port() for _ in range(3)]
+    assert split_cli.main([model, f"--output_dir={tmp_path / 'out'}", "--shards=2", "--tables=user_table,item_table",
+                           f"--shard_addresses=localhost:{ports[0]};localhost:{ports[1]}",
+                           f"--master_port={ports[2]}", f"--master_rest_port={free_port()}"]) == 0
+    assert "Procfile" in os.listdir(tmp_path / "out")
+    env = {**os.environ, "REMOTE_PREDICT": f"{sys.executable} -m remote_predict"}
+    launch = subprocess.Popen(["bash", str(tmp_path / "out" / "launch.sh")], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports[2]}") as channel:
+            from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "rec"
+            for alias, array in {"user": np.array([[3]], np.int32), "items": np.array([[1, 2, 3]], np.int32)}.items():
+                request.inputs[alias].CopyFrom(tf.make_tensor_proto(array))
+
+            def answers() -> bool:
+                try:
+                    return stub.Predict(request, timeout=5).outputs["output_0"].float_val != []
+                except grpc.RpcError:
+                    return False
+
+            wait_until(answers, 120, "the launched deployment to answer", interval=0.5)
+    finally:
+        os.killpg(launch.pid, 15)
+        launch.wait(timeout=60)
+
+
+def test_replica_stopped_under_load_no_request_fails(tmp_path):
+    model = recommender(tmp_path / "rec.keras")
+    replicas = [free_port(), free_port()]
+    other = free_port()
+    addresses = f"ipv4:127.0.0.1:{replicas[0]},127.0.0.1:{replicas[1]};127.0.0.1:{other}"
+    assert split_cli.main([model, f"--output_dir={tmp_path / 'out'}", "--shards=2", "--tables=user_table,item_table",
+                           f"--shard_addresses={addresses}"]) == 0
+    config = tmp_path / "out" / "config"
+    servers = [ServerProcess(f"--model_config_file={config / 'shard_0.config'}", grpc_port=p, rest=False, wait=False)
+               for p in replicas]
+    servers.append(ServerProcess(f"--model_config_file={config / 'shard_1.config'}", grpc_port=other, rest=False,
+                                 wait=False))
+    master = InProcessServer(f"--model_config_file={config / 'master.config'}", "--file_system_poll_wait_seconds=0")
+    try:
+        for server in servers:
+            server.wait_ready()
+        inputs = random_ids(np.random.default_rng(0), 4)
+        expected = tf.make_ndarray(master.predict("rec", inputs).outputs["output_0"])
+        outcomes, stop_at = [], time.monotonic() + 6
+
+        def client():
+            while time.monotonic() < stop_at:
+                try:
+                    got = tf.make_ndarray(master.predict("rec", inputs, timeout=10).outputs["output_0"])
+                    outcomes.append("OK" if got.tobytes() == expected.tobytes() else "WRONG")
+                except grpc.RpcError as e:
+                    outcomes.append(e.code().name)
+
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        time.sleep(2.0)
+        servers[0].proc.kill()  # one replica of shard 0 dies; calls in flight to it are retried on the other
+        for thread in clients:
+            thread.join()
+        assert outcomes and set(outcomes) == {"OK"}, {o: outcomes.count(o) for o in set(outcomes)}
+    finally:
+        master.stop()
+        for server in servers:
+            server.stop()
