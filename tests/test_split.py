@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from helpers import InProcessServer, ServerProcess, free_port, wait_until, write_config
+from helpers import REPO, InProcessServer, ServerProcess, free_port, wait_until, write_config
 from remote_predict.split import cli as split_cli
 from remote_predict.split.partition import Partition
 
@@ -218,3 +218,93 @@ def test_replica_stopped_under_load_no_request_fails(tmp_path):
         master.stop()
         for server in servers:
             server.stop()
+
+
+def test_rollout_under_load_every_answer_from_one_version(tmp_path):
+    """Shards of version 2 load beside version 1, then master 2 replaces master 1: no failure, no mix."""
+    v1, v2 = recommender(tmp_path / "v1.keras", seed=0), recommender(tmp_path / "v2.keras", seed=1)
+    out = tmp_path / "out"
+    ports = [free_port(), free_port()]
+    common = [f"--output_dir={out}", "--shards=2", "--tables=user_table,item_table",
+              f"--shard_addresses=127.0.0.1:{ports[0]};127.0.0.1:{ports[1]}"]
+    assert split_cli.main([v1, *common, "--version=1"]) == 0
+    shards = [InProcessServer(f"--model_config_file={out / 'config' / f'shard_{k}.config'}",
+                              "--file_system_poll_wait_seconds=1", rest=False, grpc_port=port)
+              for k, port in enumerate(ports)]
+    master = InProcessServer(f"--model_config_file={out / 'config' / 'master.config'}",
+                             "--file_system_poll_wait_seconds=1", "--remote_predict_loopback_in_process=false")
+    inputs = random_ids(np.random.default_rng(3), 8)
+    answers, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                response = master.predict("rec", inputs)
+                answers.append((response.model_spec.version.value,
+                                tf.make_ndarray(response.outputs["output_0"]).tobytes()))
+            except grpc.RpcError as e:
+                failures.append(e.code().name)
+
+    try:
+        v1_answer = tf.make_ndarray(master.predict("rec", inputs).outputs["output_0"]).tobytes()
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        time.sleep(1.0)
+        assert split_cli.main([v2, *common, "--version=2", "--only=shards"]) == 0
+        assert split_cli.main([v2, *common, "--version=2", "--only=master", "--wait_for_shards"]) == 0
+        wait_until(lambda: answers and answers[-1][0] == 2, 60, "master version 2 to serve")
+        time.sleep(1.0)
+        stop.set()
+        for thread in clients:
+            thread.join()
+        v2_answer = tf.make_ndarray(master.predict("rec", inputs).outputs["output_0"]).tobytes()
+    finally:
+        stop.set()
+        master.stop()
+        for server in shards:
+            server.stop()
+    assert not failures, f"the roll-out failed {len(failures)} requests: {set(failures)}"
+    assert v1_answer != v2_answer
+    expected = {1: v1_answer, 2: v2_answer}
+    mixed = [version for version, answer in answers if answer != expected[version]]
+    assert not mixed, f"{len(mixed)} answers mixed versions"
+    versions = [version for version, _ in answers]
+    assert versions == sorted(versions) and set(versions) == {1, 2}, "one switch from version 1 to 2"
+
+
+def test_shared_base_example_from_the_readme(tmp_path):
+    """Two models share a base: the base is hosted once, each head answers as its whole model did."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import shared_base
+
+    model_a, model_b = shared_base.build(str(tmp_path))
+    base_port = free_port()
+    for model, name, only in ((model_a, "model_a", "all"), (model_b, "model_b", "master")):
+        assert split_cli.main([str(model), "--cut=shared_2", f"--name={name}", "--base_name=shared_base",
+                               f"--base_address=localhost:{base_port}", f"--output_dir={tmp_path / name}",
+                               f"--only={only}"]) == 0
+    assert not (tmp_path / "model_b" / "base").exists(), "the second split reuses the hosted base"
+    wholes = {}
+    for model, name in ((model_a, "model_a"), (model_b, "model_b")):
+        keras.models.load_model(model).export(str(tmp_path / "whole" / name / "1"), verbose=False)
+        wholes[f"whole_{name}"] = tmp_path / "whole" / name
+    base = InProcessServer(f"--model_config_file={tmp_path / 'model_a' / 'config' / 'base.config'}", rest=False,
+                           grpc_port=base_port)
+    config = write_config(tmp_path / "heads.config", {"model_a": tmp_path / "model_a" / "head",
+                                                       "model_b": tmp_path / "model_b" / "head", **wholes})
+    heads = InProcessServer(f"--model_config_file={config}", "--remote_predict_loopback_in_process=false")
+    try:
+        features = {"features": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)}
+        for name in ("model_a", "model_b"):
+            split_answer = tf.make_ndarray(heads.predict(name, features).outputs["output_0"])
+            whole_answer = tf.make_ndarray(heads.predict(f"whole_{name}", features).outputs["output_0"])
+            assert split_answer.shape == whole_answer.shape
+            assert split_answer.tobytes() == whole_answer.tobytes()
+        calls = base.server.metrics.registry.get_sample_value(
+            "remote_predict_requests_total", {"model": "shared_base", "api": "predict", "protocol": "grpc",
+                                              "code": "OK"})
+        assert calls == 2.0, "both heads called the one hosted base"
+    finally:
+        heads.stop()
+        base.stop()
