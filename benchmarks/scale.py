@@ -144,8 +144,10 @@ def main() -> int:
         "--shard_addresses=" + ";".join(f"127.0.0.1:{p}" for p in ports)])
     print(f"split in {split_seconds:.0f}s, splitter peak RSS {split_peak:.0f} MB", flush=True)
     unsplit_seconds, unsplit_peak = run_measured([
-        sys.executable, "-c", "import keras, sys; keras.models.load_model(sys.argv[1]).export(sys.argv[2], "
-        "verbose=False)", str(model), str(work / "unsplit" / "1")])
+        sys.executable, "-c", "import sys\nfrom remote_predict.split import models, writers\n"
+        "from remote_predict.split.keras_archive import KerasArchive\n"
+        "with KerasArchive(sys.argv[1]) as archive:\n"
+        "    writers.write_keras(sys.argv[2], models.unsplit_model(archive))", str(model), str(work / "unsplit" / "1")])
     print(f"unsplit export in {unsplit_seconds:.0f}s, peak RSS {unsplit_peak:.0f} MB", flush=True)
 
     # Shards and master first, then the unsplit model alone: both at once would need the table twice.

@@ -308,3 +308,19 @@ def test_shared_base_example_from_the_readme(tmp_path):
     finally:
         heads.stop()
         base.stop()
+
+
+@pytest.mark.parametrize("strategy", ["mod", "div"])
+def test_splitter_holds_about_one_shard_not_the_table(tmp_path, strategy):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale
+
+    tiny = scale.write_recommender(tmp_path / "tiny.keras", rows=1000, dim=64)
+    big = scale.write_recommender(tmp_path / "big.keras", rows=2_097_152, dim=64)  # 512 MiB
+    peaks = {}
+    for name, model in (("tiny", tiny), ("big", big)):
+        _, peaks[name] = scale.run_measured([
+            sys.executable, "-m", "remote_predict", "split", str(model), f"--output_dir={tmp_path / name}",
+            "--shards=16", f"--partition={strategy}", "--tables=user_table"])
+    extra = peaks["big"] - peaks["tiny"]
+    assert extra < 512 / 3, f"splitting a 512 MiB table into 32 MiB shards took {extra:.0f} MB more than a tiny one"

@@ -7,7 +7,6 @@ output_tensor_aliases]`, outputs are `[status_code, status_error_message, *outpu
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from remote_predict.op.config import OpConfig
 from remote_predict.op.errors import RemotePredictError
 from remote_predict.op.inflight import targets as _targets
 from remote_predict.op.stubs import StubError, stub_for
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

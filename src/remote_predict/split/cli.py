@@ -104,9 +104,9 @@ def _split_tables(args, archive: KerasArchive, name: str) -> list[deploy.Server]
             shard_models[k][model_names[k]] = path
             if args.only in ("all", "shards"):
                 label = f"table {entry.name} ({rows} x {dim}) shard {k + 1}/{args.shards}"
-                rows_k = writers.shard_rows(archive, entry, partition, k, writers.Progress(label))
-                writers.write_shard(os.path.join(path, str(args.version)), rows_k)
-                del rows_k
+                chunks = writers.shard_chunks(archive, entry, partition, k, writers.Progress(label))
+                writers.write_shard(os.path.join(path, str(args.version)), partition.shard_rows(k), dim,
+                                    table.dtype, chunks)
     if args.only in ("all", "master") and args.wait_for_shards:
         wanted = {shard_name: [addresses[k]] for k in range(args.shards) for shard_name in shard_models[k]}
         _wait_for_versions(wanted, args.version, args.wait_timeout)
@@ -116,7 +116,7 @@ def _split_tables(args, archive: KerasArchive, name: str) -> list[deploy.Server]
         writers.write_keras(os.path.join(out, "master", str(args.version)), master)
     if args.export_unsplit:
         print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
-        writers.write_keras(os.path.join(out, "unsplit", str(args.version)), keras.models.load_model(args.model))
+        writers.write_keras(os.path.join(out, "unsplit", str(args.version)), models.unsplit_model(archive))
     servers = [deploy.Server("master", {name: os.path.join(out, "master")}, [args.master_port],
                              rest_port=args.master_rest_port)]
     for k in range(args.shards):

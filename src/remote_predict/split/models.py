@@ -74,6 +74,29 @@ def master_model(archive: KerasArchive, tables: Sequence[TablePlan], version: in
     return model
 
 
+def unsplit_model(archive: KerasArchive, chunk_rows: int = 1 << 18) -> keras.Model:
+    """The whole original model, tables filled a chunk at a time: memory is the model plus one chunk.
+
+    `keras.models.load_model` would first fill every table with its random initializer (several copies
+    of the largest table at once) and then overwrite it.
+    """
+    config = copy.deepcopy(archive.config)
+    tables = []
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "Embedding":
+            layer["config"]["embeddings_initializer"] = {"module": "keras.initializers", "class_name": "Zeros",
+                                                         "config": {}, "registered_name": None}
+            tables.append(_layer_name(layer))
+    model = _build(config)
+    _load_weights(model, archive, skip=tables)
+    for name in tables:
+        entry = archive.layer(name)
+        variable = model.get_layer(name).embeddings.value
+        for start, rows in archive.row_chunks(entry, chunk_rows):
+            variable[start:start + len(rows)].assign(rows)
+    return model
+
+
 def _layer_name(layer: dict) -> str:
     return layer.get("name") or layer["config"]["name"]
 

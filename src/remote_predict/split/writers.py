@@ -9,18 +9,19 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from remote_predict.split.keras_archive import KerasArchive, LayerEntry
 from remote_predict.split.partition import Partition
 from remote_predict.split.sharded_embedding import EMBEDDINGS, IDS
 
-CHUNK_BYTES = 64 << 20  # rows are read from the table this many bytes at a time
+CHUNK_BYTES = 32 << 20  # rows are read from the table this many bytes at a time
 
 
 @contextmanager
@@ -39,47 +40,68 @@ def atomic_directory(path: str):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-class _Shard(tf.Module):
-    def __init__(self, rows: np.ndarray):
-        super().__init__()
-        self.table = tf.Variable(rows, trainable=False, name="table")
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name=IDS)])
-    def lookup(self, ids):
-        return {EMBEDDINGS: tf.gather(self.table, ids)}
-
-
-def shard_rows(archive: KerasArchive, entry: LayerEntry, partition: Partition, shard: int,
-               progress: Callable[[float], None]) -> np.ndarray:
-    """A shard's rows, read from the table a chunk at a time (peak memory: this shard plus one chunk)."""
+def shard_chunks(archive: KerasArchive, entry: LayerEntry, partition: Partition, shard: int,
+                 progress: Callable[[float], None]) -> Iterator[tuple[int, np.ndarray]]:
+    """(first local row, rows) of one shard, read from the table about CHUNK_BYTES at a time."""
     table = archive.table(entry)
     dim = table.shape[1]
-    rows = np.empty((partition.shard_rows(shard), dim), dtype=table.dtype)
+    count = partition.shard_rows(shard)
     chunk = max(partition.shards, (CHUNK_BYTES // max(1, dim * table.dtype.itemsize)) // partition.shards
                 * partition.shards)
     if partition.strategy == "div":
         start = partition.div_start(shard)
-        for offset in range(0, rows.shape[0], chunk):
-            end = min(rows.shape[0], offset + chunk)
-            rows[offset:end] = table[start + offset:start + end]
-            progress(end / max(1, rows.shape[0]))
-        return rows
+        for offset in range(0, count, chunk):
+            end = min(count, offset + chunk)
+            yield offset, table[start + offset:start + end]
+            progress(end / max(1, count))
+        return
     filled = 0
     for first in range(0, partition.rows, chunk):  # chunks start at multiples of N: row k+jN is shard k's
-        block = table[first:min(partition.rows, first + chunk)]
-        mine = block[shard::partition.shards]
-        rows[filled:filled + len(mine)] = mine
+        mine = table[first:min(partition.rows, first + chunk)][shard::partition.shards]
+        yield filled, mine
         filled += len(mine)
         progress(min(1.0, (first + chunk) / partition.rows))
-    assert filled == rows.shape[0]
-    return rows
 
 
-def write_shard(path: str, rows: np.ndarray) -> None:
-    module = _Shard(rows)
+def write_shard(path: str, rows: int, dim: int, dtype: np.dtype, chunks: Iterable[tuple[int, np.ndarray]]) -> None:
+    """A SavedModel with signature `lookup` (ids -> embeddings) over a table that is never whole in memory.
+
+    Each chunk is saved as a slice of the variable `table` (SaveV2 with a slice spec, as TensorFlow saves
+    partitioned variables), the slices are merged into one checkpoint, and the graph is written beside
+    it; loading the SavedModel restores the whole table from the slices.
+    """
+    v1 = tf.compat.v1
+    tf_dtype = tf.as_dtype(dtype)
     with atomic_directory(path) as scratch:
-        tf.saved_model.save(module, scratch, signatures={"lookup": module.lookup,
-                                                         "serving_default": module.lookup})
+        variables = os.path.join(scratch, "variables")
+        os.makedirs(variables)
+        parts = []
+        for start, values in chunks:
+            prefix = os.path.join(variables, f"part-{len(parts):06d}")
+            tf.raw_ops.SaveV2(prefix=prefix, tensor_names=["table"], tensors=[tf.constant(values, tf_dtype)],
+                              shape_and_slices=[f"{rows} {dim} {start},{len(values)}:-"])
+            parts.append(prefix)
+        if not parts:  # an empty shard (more shards than rows)
+            prefix = os.path.join(variables, "part-000000")
+            tf.raw_ops.SaveV2(prefix=prefix, tensor_names=["table"], shape_and_slices=[""],
+                              tensors=[tf.zeros([0, dim], tf_dtype)])
+            parts.append(prefix)
+        merged = os.path.join(variables, "variables")
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts, destination_prefix=merged)
+        with tf.Graph().as_default() as graph:
+            table = v1.get_variable("table", shape=[rows, dim], dtype=tf_dtype, trainable=False, use_resource=False,
+                                    initializer=v1.zeros_initializer())
+            ids = v1.placeholder(tf.int64, [None], name=IDS)
+            embeddings = tf.gather(table, ids, name=EMBEDDINGS)
+            saver = v1.train.Saver([table])
+            signature = v1.saved_model.signature_def_utils.predict_signature_def({IDS: ids}, {EMBEDDINGS: embeddings})
+            meta_graph = v1.train.export_meta_graph(graph=graph, saver_def=saver.as_saver_def())
+        meta_graph.meta_info_def.tags.append("serve")
+        meta_graph.signature_def["lookup"].CopyFrom(signature)
+        meta_graph.signature_def["serving_default"].CopyFrom(signature)
+        saved_model = saved_model_pb2.SavedModel(saved_model_schema_version=1, meta_graphs=[meta_graph])
+        with open(os.path.join(scratch, "saved_model.pb"), "wb") as f:
+            f.write(saved_model.SerializeToString())
 
 
 def write_keras(path: str, model: keras.Model) -> None:
