@@ -60,12 +60,17 @@ def test_version_pin_and_signature_name(leaf, tmp_path):
         "pinned": models.caller(tmp_path / "pinned" / "1", leaf.address, "scaled", version=1),
         "latest": models.caller(tmp_path / "latest" / "1", leaf.address, "scaled"),
         "double": models.caller(tmp_path / "double" / "1", leaf.address, "scaled", version=2, signature="double"),
+        # gRPC name syntax for the target
+        "via_dns": models.caller(tmp_path / "via_dns" / "1", f"dns:///{leaf.address}", "scaled", version=1),
+        "via_ipv4": models.caller(tmp_path / "via_ipv4" / "1", f"ipv4:{leaf.address}", "scaled", version=1),
     }
     with serve_master(tmp_path, built) as master:
         x = {"x": np.array([1.0, 2.0], np.float32)}
         assert list(master.predict("pinned", x).outputs["y"].float_val) == [1.0, 2.0]
         assert list(master.predict("latest", x).outputs["y"].float_val) == [10.0, 20.0]
         assert list(master.predict("double", x).outputs["y"].float_val) == [20.0, 40.0]
+        for model in ("via_dns", "via_ipv4"):
+            assert list(master.predict(model, x).outputs["y"].float_val) == [1.0, 2.0]
 
 
 def test_stopped_target_unknown_model_and_slow_target(leaf, tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from remote_predict.split.keras_archive import KerasArchive
 from remote_predict.split.sharded_embedding import ShardedEmbedding
@@ -40,12 +41,15 @@ def _load_weights(model: keras.Model, archive: KerasArchive, skip: Iterable[str]
             continue
         entry = archive.layer(layer.name)
         if archive.has_nested_variables(entry):
-            raise ValueError(f"layer {layer.name!r} ({entry.class_name}) keeps its weights in nested layers, "
-                             "which split does not read yet")
+            raise ValueError(
+                f"layer {layer.name!r} ({entry.class_name}) keeps its weights in nested layers, "
+                "which split does not read yet"
+            )
         stored = archive.own_variables(entry)
         if len(stored) != len(layer.weights):
-            raise ValueError(f"layer {layer.name!r}: the archive holds {len(stored)} variables, the layer "
-                             f"{len(layer.weights)}")
+            raise ValueError(
+                f"layer {layer.name!r}: the archive holds {len(stored)} variables, the layer {len(layer.weights)}"
+            )
         layer.load_own_variables({key: np.asarray(value) for key, value in stored.items()})
 
 
@@ -63,10 +67,17 @@ def master_model(archive: KerasArchive, tables: Sequence[TablePlan], version: in
         layer["module"] = None
         layer["registered_name"] = "remote_predict>ShardedEmbedding"
         layer["config"] = {
-            "name": name, "trainable": False, "dtype": original.get("dtype"),
-            "input_dim": plan.rows, "output_dim": plan.dim, "targets": list(plan.targets),
-            "shard_models": list(plan.shard_models), "partition_strategy": plan.strategy,
-            "model_version": version, "deadline_ms": deadline_ms, "mask_zero": original.get("mask_zero", False),
+            "name": name,
+            "trainable": False,
+            "dtype": original.get("dtype"),
+            "input_dim": plan.rows,
+            "output_dim": plan.dim,
+            "targets": list(plan.targets),
+            "shard_models": list(plan.shard_models),
+            "partition_strategy": plan.strategy,
+            "model_version": version,
+            "deadline_ms": deadline_ms,
+            "mask_zero": original.get("mask_zero", False),
         }
         layer.pop("build_config", None)
     model = _build(config)
@@ -84,8 +95,12 @@ def unsplit_model(archive: KerasArchive, chunk_rows: int = 1 << 18) -> keras.Mod
     tables = []
     for layer in config["config"]["layers"]:
         if layer["class_name"] == "Embedding":
-            layer["config"]["embeddings_initializer"] = {"module": "keras.initializers", "class_name": "Zeros",
-                                                         "config": {}, "registered_name": None}
+            layer["config"]["embeddings_initializer"] = {
+                "module": "keras.initializers",
+                "class_name": "Zeros",
+                "config": {},
+                "registered_name": None,
+            }
             tables.append(_layer_name(layer))
     model = _build(config)
     _load_weights(model, archive, skip=tables)
@@ -93,7 +108,14 @@ def unsplit_model(archive: KerasArchive, chunk_rows: int = 1 << 18) -> keras.Mod
         entry = archive.layer(name)
         variable = model.get_layer(name).embeddings.value
         for start, rows in archive.row_chunks(entry, chunk_rows):
-            variable[start:start + len(rows)].assign(rows)
+            # In place: `variable[a:b].assign()` would read (copy) the whole table for every chunk.
+            tf.raw_ops.ResourceStridedSliceAssign(
+                ref=variable.handle,
+                begin=[start, 0],
+                end=[start + len(rows), rows.shape[1]],
+                strides=[1, 1],
+                value=tf.constant(rows, variable.dtype),
+            )
     return model
 
 
@@ -146,8 +168,11 @@ def cut_models(archive: KerasArchive, cut: str) -> tuple[keras.Model, keras.Mode
         stack.extend(depends[name])
     if cut in head or not any(cut in depends[name] for name in head):
         raise ValueError(f"the outputs do not depend on layer {cut!r}: nothing to cut there")
-    inputs = [i[0] for i in config["input_layers"]] if isinstance(config["input_layers"][0], list) \
+    inputs = (
+        [i[0] for i in config["input_layers"]]
+        if isinstance(config["input_layers"][0], list)
         else [config["input_layers"][0]]
+    )
     needed = [name for name in inputs if name in head]
     base, stack = set(), [cut]  # the base: every layer the cut layer's output depends on
     while stack:
@@ -165,9 +190,16 @@ def cut_models(archive: KerasArchive, cut: str) -> tuple[keras.Model, keras.Mode
     cut_layer = by_name[cut]
     cut_shape = [None, *list(base_model.outputs[0].shape)[1:]]
     head_config = copy.deepcopy(archive.config)
-    head_layers = [{"module": "keras.layers", "class_name": "InputLayer", "registered_name": None, "name": cut,
-                    "config": {"batch_shape": cut_shape, "dtype": _dtype_name(cut_layer), "name": cut},
-                    "inbound_nodes": []}]
+    head_layers = [
+        {
+            "module": "keras.layers",
+            "class_name": "InputLayer",
+            "registered_name": None,
+            "name": cut,
+            "config": {"batch_shape": cut_shape, "dtype": _dtype_name(cut_layer), "name": cut},
+            "inbound_nodes": [],
+        }
+    ]
     head_layers += [copy.deepcopy(layer) for layer in config["layers"] if _layer_name(layer) in head]
     head_config["config"]["layers"] = head_layers
     head_config["config"]["input_layers"] = [[cut, 0, 0]] + [[name, 0, 0] for name in needed]
@@ -184,15 +216,23 @@ def _cut_sequential(archive: KerasArchive, cut: str) -> tuple[keras.Model, keras
     if index == len(layers) - 1:
         raise ValueError(f"layer {cut!r} is the last layer: nothing would be left for the head")
     base_config = copy.deepcopy(archive.config)
-    base_config["config"]["layers"] = copy.deepcopy(layers[:index + 1])
+    base_config["config"]["layers"] = copy.deepcopy(layers[: index + 1])
     base_config["config"]["name"] = f"{config['name']}_base"
     base = _build(base_config)
     _load_weights(base, archive, skip=())
     head_config = copy.deepcopy(archive.config)
-    head_input = {"module": "keras.layers", "class_name": "InputLayer", "registered_name": None, "name": cut,
-                  "config": {"batch_shape": [None, *list(base.outputs[0].shape)[1:]],
-                             "dtype": _dtype_name(layers[index]), "name": cut}}
-    head_config["config"]["layers"] = [head_input, *copy.deepcopy(layers[index + 1:])]
+    head_input = {
+        "module": "keras.layers",
+        "class_name": "InputLayer",
+        "registered_name": None,
+        "name": cut,
+        "config": {
+            "batch_shape": [None, *list(base.outputs[0].shape)[1:]],
+            "dtype": _dtype_name(layers[index]),
+            "name": cut,
+        },
+    }
+    head_config["config"]["layers"] = [head_input, *copy.deepcopy(layers[index + 1 :])]
     head_config["config"]["name"] = f"{config['name']}_head"
     head = _build(head_config)
     _load_weights(head, archive, skip=())
