@@ -81,7 +81,7 @@ _HELP = {
     "model_name": "name of the single model served with --model_base_path",
     "model_base_path": "directory holding the integer version directories of the single model",
     "num_load_threads": "threads that load model versions (0: one)",
-    "num_unload_threads": "threads that unload model versions (0: default)",
+    "num_unload_threads": "threads that unload model versions (0: four)",
     "max_num_load_retries": "times a failed load is retried",
     "load_retry_interval_micros": "wait between load retries, in microseconds",
     "file_system_poll_wait_seconds": "look for new model versions this often (0: only at start)",

@@ -45,6 +45,7 @@ class ManagerOptions:
     max_load_retries: int = 5
     load_retry_interval_seconds: float = 60.0
     allow_labels_for_unavailable_models: bool = False
+    num_unload_threads: int = 0  # 0: four
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class ModelManager:
         self._changed = threading.Condition(self._lock)
         self._models: dict[str, Model] = {}
         self._loader = ThreadPoolExecutor(max(1, options.num_load_threads), thread_name_prefix="model-load")
-        self._unloader = ThreadPoolExecutor(4, thread_name_prefix="model-unload")
+        self._unloader = ThreadPoolExecutor(options.num_unload_threads or 4, thread_name_prefix="model-unload")
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

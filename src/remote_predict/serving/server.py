@@ -40,6 +40,22 @@ def _configure_tensorflow(options: ServerOptions) -> None:
         pass  # the eager context already exists (several servers in one process); sessions get their own config
 
 
+def _configure_remote_predict(options: ServerOptions) -> None:
+    """The op's settings are per process: where ops may call, how, and with which plug-ins."""
+    targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
+    set_loopback_shortcut(options.remote_predict_loopback_in_process)
+    inflight.set_max_inflight_per_target(options.remote_predict_max_inflight_per_target)
+    tls = options.remote_predict_client_tls_config_file
+    grpc_stub.set_client_credentials(client_credentials(tls) if tls else None)
+    reset_stubs()  # stubs chosen under the previous settings must not outlive them
+    for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise ServingError(Code.FAILED_PRECONDITION, f"--remote_predict_plugins: cannot import {module}: "
+                               f"{type(e).__name__}: {e}") from None
+
+
 def server_credentials(path: str) -> grpc.ServerCredentials:
     ssl = config_lib.read_text_proto(path, config_protos.SSLConfig())
     if not ssl.server_key or not ssl.server_cert:
@@ -101,18 +117,7 @@ class ModelServer:
         """Load the models, then open the ports. Raises ServingError (or OSError) when it cannot."""
         options = self.options
         _configure_tensorflow(options)
-        targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
-        set_loopback_shortcut(options.remote_predict_loopback_in_process)
-        inflight.set_max_inflight_per_target(options.remote_predict_max_inflight_per_target)
-        reset_stubs()  # stubs chosen under the previous settings must not outlive them
-        for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
-            try:
-                importlib.import_module(module)
-            except Exception as e:
-                raise ServingError(Code.FAILED_PRECONDITION, f"--remote_predict_plugins: cannot import {module}: "
-                                   f"{type(e).__name__}: {e}") from None
-        tls = options.remote_predict_client_tls_config_file
-        grpc_stub.set_client_credentials(client_credentials(tls) if tls else None)
+        _configure_remote_predict(options)
         kernel.add_observer(self.metrics.on_remote_call)
         kernel.add_inflight_observer(self.metrics.on_remote_inflight)
         try:
@@ -138,6 +143,7 @@ class ModelServer:
                 max_load_retries=options.max_num_load_retries,
                 load_retry_interval_seconds=options.load_retry_interval_micros / 1e6,
                 allow_labels_for_unavailable_models=options.allow_version_labels_for_unavailable_models,
+                num_unload_threads=options.num_unload_threads,
             ),
             listeners=[self.metrics.on_version_state],
         )
