@@ -97,6 +97,15 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return time.monotonic() - started, peak
 
 
+def drop_page_cache() -> None:
+    """Best effort (root only): the 8 GiB files just written fill the page cache, and TensorFlow's CPU
+    allocator refuses large tensors when little memory is free, even if the kernel could reclaim it."""
+    with contextlib.suppress(OSError):
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+            f.write("3\n")
+
+
 def serve_and_time(servers: dict, client: ServerProcess, model: str, requests: list[dict]
                    ) -> tuple[list[bytes], list[float], dict[str, float]]:
     """Start `servers`, send `requests` one by one to `model`; (answers, latencies in ms, peak RSS by server)."""
@@ -161,7 +170,10 @@ def main() -> int:
                                           wait=False) for k, port in enumerate(ports)}
     master = ServerProcess(f"--model_config_file={config / 'master.config'}", "--file_system_poll_wait_seconds=0",
                            rest=False, wait=False)
+    drop_page_cache()
     split_answers, split_ms, peaks = serve_and_time({**shards, "master": master}, master, "recommender", requests)
+    print("split deployment peak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()), flush=True)
+    drop_page_cache()
     unsplit_config = write_config(work / "unsplit.config", {"unsplit": work / "unsplit"})
     unsplit = ServerProcess(f"--model_config_file={unsplit_config}", "--file_system_poll_wait_seconds=0",
                             rest=False, wait=False)
