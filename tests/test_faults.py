@@ -102,6 +102,11 @@ def test_hung_leaf_times_out_and_does_not_starve_others(tmp_path):
     assert {o.code for o in hung_calls} <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}, summary
     timed_out = [o.seconds for o in hung_calls if o.code == "DEADLINE_EXCEEDED"]
     assert timed_out and max(timed_out) < DEADLINE_MS / 1000 + 1.0, f"timeouts took up to {max(timed_out):.2f}s"
+    # The probe waits its deadline; the other calls are cancelled or fail at once instead of each
+    # holding a thread for the whole deadline.
+    assert sorted(o.seconds for o in hung_calls)[len(hung_calls) // 2] < DEADLINE_MS / 1000 / 4, summary
+    assert any("a quarter of its deadline" in o.detail for o in outcomes
+               if o.model == "to_hung" and stopped_at - 0.1 <= o.started < resumed_at), summary
     others = [o for o in during if o.model != "to_hung"]
     assert others and {o.code for o in others} == {"OK"}, f"a hung target must not starve others: {summary}"
     assert max(o.seconds for o in others) < 1.0, "other models must keep their latency"

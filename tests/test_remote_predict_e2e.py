@@ -107,6 +107,31 @@ def test_stopped_target_unknown_model_and_slow_target(leaf, tmp_path):
         assert elapsed < 0.3 + 0.7, f"deadline 300 ms, failed after {elapsed * 1000:.0f} ms"
 
 
+def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
+    built = {"slow": models.fan_out(tmp_path / "slow" / "1", [leaf.address], deadline_ms=20000)}
+    with serve_master(tmp_path, built, "--remote_predict_max_inflight_per_target=1",
+                      "--grpc_max_threads=8") as master:
+        x = {"x": np.array([1.0], np.float32)}
+        results: dict[str, object] = {}
+
+        def first():
+            results["first"] = master.predict("slow", {**x, "delay_ms": np.int64(1500)})
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        time.sleep(0.5)  # the first call is now in flight on the leaf
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            master.predict("slow", {**x, "delay_ms": np.int64(0)})
+        assert time.monotonic() - started < 0.5, "a call over the cap must fail at once"
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--remote_predict_max_inflight_per_target" in caught.value.details()
+        thread.join()
+        assert list(results["first"].outputs["y"].float_val) == [1.0]
+        # With the first call done, a call fits under the cap again.
+        assert list(master.predict("slow", {**x, "delay_ms": np.int64(0)}).outputs["y"].float_val) == [1.0]
+
+
 def test_fan_out_runs_the_calls_concurrently(tmp_path):
     leaves = [InProcessServer(f"--model_base_path={models.sleepy(tmp_path / f'sleepy{i}' / '1').parent}",
                               "--model_name=sleepy", rest=False) for i in range(4)]

@@ -9,93 +9,143 @@ from collections.abc import Callable
 from remote_predict.errors import Code
 
 STALL_FRACTION = 4  # a call waiting a quarter of its deadline means its target has stalled
+WATCH_SECONDS = 0.05  # how often the watchdog looks at the calls in flight
+# Codes that say the target did not answer; any other end of a probe means it is answering again.
+NO_ANSWER = frozenset({Code.DEADLINE_EXCEEDED, Code.UNAVAILABLE, Code.CANCELLED})
 
 
 class _Call:
-    __slots__ = ("cancel", "deadline", "shed", "start", "target")
+    __slots__ = ("cancel", "deadline", "probe", "shed", "start", "target")
 
-    def __init__(self, target: str, deadline: float):
+    def __init__(self, target: str, deadline: float, probe: bool):
         self.start = time.monotonic()
         self.target = target
         self.deadline = deadline
+        self.probe = probe
         self.cancel: Callable[[], object] | None = None
         self.shed = False
 
 
-class _Targets:
-    """Calls in flight, per target; sheds the calls of a target that stopped answering.
+class _Target:
+    __slots__ = ("calls", "probe", "stalled_since")
 
-    A call waits for its answer in a thread, so a target that stops answering would hold one request
-    thread per call until the deadline, and soon every thread of the server. A target is stalled when
-    its oldest call in flight has waited a quarter of its deadline: then the other calls to it are
-    cancelled (their threads freed), new calls fail at once with UNAVAILABLE, and the oldest stays as a
-    probe that tells when the target answers again. `limit` (optional) caps calls per target outright.
+    def __init__(self) -> None:
+        self.calls: dict[int, _Call] = {}
+        self.stalled_since: float | None = None
+        self.probe: _Call | None = None
+
+
+class _Targets:
+    """A circuit breaker per target, so that a target that stops answering cannot hold every thread.
+
+    A call waits for its answer in a thread, so a hung target would hold one request thread per call
+    until the deadline, and soon every thread of the server. A fixed cap per target cannot tell that
+    from healthy load, so a watchdog thread looks for a target whose oldest call in flight has waited a
+    quarter of its deadline: the target is then stalled, its oldest call becomes the probe and may wait
+    its whole deadline, and every other call to it is cancelled (its thread freed). While the target is
+    stalled, new calls fail at once with UNAVAILABLE, except that a new probe goes through when the last
+    one failed; the first answer to a probe ends the stall. `limit` (optional) caps calls per target.
     """
 
     def __init__(self) -> None:
         self.limit = 0
         self._lock = threading.Lock()
-        self._calls: dict[str, dict[int, _Call]] = {}
+        self._wake = threading.Condition(self._lock)
+        self._targets: dict[str, _Target] = {}
+        self._inflight = 0
+        self._watchdog: threading.Thread | None = None
         self._local = threading.local()
 
     def begin(self, target: str, deadline: float) -> tuple[_Call | None, Code, str]:
-        now = time.monotonic()
         with self._lock:
-            calls = self._calls.setdefault(target, {})
-            if calls:
-                oldest = next(iter(calls.values()))
-                waited = now - oldest.start
-                if waited > oldest.deadline / STALL_FRACTION:
-                    for call in list(calls.values())[1:]:
-                        call.shed = True
-                        if call.cancel is not None:
-                            call.cancel()
-                    return None, Code.UNAVAILABLE, (f"the target has not answered a call for {waited * 1000:.0f} ms; "
-                                                    "failing fast until it answers again")
-            if self.limit and len(calls) >= self.limit:
+            state = self._targets.get(target)
+            if state is None:
+                state = self._targets[target] = _Target()
+            probe = False
+            if state.stalled_since is not None:
+                if state.probe is not None:
+                    stalled_ms = (time.monotonic() - state.stalled_since) * 1000
+                    return None, Code.UNAVAILABLE, (
+                        f"the target stopped answering {stalled_ms:.0f} ms ago; failing fast until it answers again")
+                probe = True
+            if self.limit and len(state.calls) >= self.limit:
                 return None, Code.RESOURCE_EXHAUSTED, (f"{self.limit} calls to this target are already in flight "
                                                        "(--remote_predict_max_inflight_per_target)")
-            call = _Call(target, deadline)
-            calls[id(call)] = call
+            call = _Call(target, deadline, probe)
+            state.calls[id(call)] = call
+            if probe:
+                state.probe = call
+            self._inflight += 1
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="remote-predict-watchdog", daemon=True)
+                self._watchdog.start()
+            elif self._inflight == 1:
+                self._wake.notify()
         self._local.call = call
         return call, Code.OK, ""
 
-    def end(self, target: str, call: _Call) -> None:
+    def end(self, target: str, call: _Call, code: Code) -> None:
         self._local.call = None
         with self._lock:
-            self._calls[target].pop(id(call), None)
-
-    def should_give_up(self) -> bool:
-        """For stubs waiting on an answer: True when this thread's call is shed (its target stalled).
-
-        Waiting calls ask this every few tens of milliseconds, so a stalled target's calls are released
-        even when every request thread is already waiting on it and no new call arrives to notice.
-        """
-        call = getattr(self._local, "call", None)
-        if call is None:
-            return False
-        if call.shed:
-            return True
-        with self._lock:
-            calls = self._calls.get(call.target, {})
-            oldest = next(iter(calls.values()), None)
-            if oldest is not None and oldest is not call and \
-                    time.monotonic() - oldest.start > oldest.deadline / STALL_FRACTION:
-                call.shed = True
-        return call.shed
+            state = self._targets[target]
+            if state.calls.pop(id(call), None) is not None:
+                self._inflight -= 1
+            if call is state.probe:
+                state.probe = None
+            if code not in NO_ANSWER and not call.shed:
+                state.stalled_since = None
 
     def on_cancel(self, cancel: Callable[[], object]) -> None:
-        """For stubs: how to cancel the call this thread is making."""
+        """For stubs: how to cancel the call this thread is about to make (called at once if already shed)."""
         call = getattr(self._local, "call", None)
         if call is not None:
-            call.cancel = cancel
-            if call.shed:
+            with self._lock:
+                call.cancel = cancel
+                shed = call.shed
+            if shed:
                 cancel()
 
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                while not self._inflight:
+                    self._wake.wait()
+                cancels = self._shed_stalled(time.monotonic())
+            for cancel in cancels:
+                cancel()
+            time.sleep(WATCH_SECONDS)
+
+    def _shed_stalled(self, now: float) -> list[Callable[[], object]]:
+        cancels: list[Callable[[], object]] = []
+        for state in self._targets.values():
+            if state.stalled_since is not None or not state.calls:
+                continue  # the probe may wait its whole deadline
+            oldest, *others = state.calls.values()
+            if now - oldest.start <= oldest.deadline / STALL_FRACTION:
+                continue
+            state.stalled_since = now
+            state.probe = oldest
+            oldest.probe = True
+            for call in others:
+                call.shed = True
+                if call.cancel is not None:
+                    cancels.append(call.cancel)
+        return cancels
+
+    def clear_stalls(self) -> None:
+        """Forget which targets are stalled (new settings: their next calls are ordinary calls again)."""
+        with self._lock:
+            for state in self._targets.values():
+                state.stalled_since, state.probe = None, None
+
+    def current_call_shed(self) -> bool:
+        """For stubs: whether the call this thread is making was shed (else a cancellation hit another)."""
+        call = getattr(self._local, "call", None)
+        return call is not None and call.shed
 
 targets = _Targets()
 register_cancel = targets.on_cancel
-should_give_up = targets.should_give_up
+current_call_shed = targets.current_call_shed
 
 
 def set_max_inflight_per_target(limit: int) -> None:

@@ -128,6 +128,7 @@ def call_remote(
         _report(CallRecord(target, config.model_name, code, message, 0.0))
         return code, message, []
     _notify_inflight(target, +1)
+    code = Code.UNKNOWN
     try:
         if len(input_aliases) != len(inputs):
             raise ServingError(
@@ -151,10 +152,11 @@ def call_remote(
         code, message, outputs = e.code, describe_failure(config, e.message), []
     finally:
         _notify_inflight(target, -1)
-        _targets.end(target, call)
+        _targets.end(target, call, code)
     if call.shed and code != Code.OK:
         code, message = Code.UNAVAILABLE, describe_failure(
-            config, "cancelled: the target stopped answering another call (failing fast until it answers again)")
+            config, "cancelled: another call to the target has waited a quarter of its deadline; "
+            "failing fast until it answers again")
     _report(CallRecord(target, config.model_name, code, message, time.perf_counter() - start))
     return code, message, outputs
 

@@ -45,6 +45,7 @@ def _configure_remote_predict(options: ServerOptions) -> None:
     targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
     set_loopback_shortcut(options.remote_predict_loopback_in_process)
     inflight.set_max_inflight_per_target(options.remote_predict_max_inflight_per_target)
+    inflight.targets.clear_stalls()
     tls = options.remote_predict_client_tls_config_file
     grpc_stub.set_client_credentials(client_credentials(tls) if tls else None)
     reset_stubs()  # stubs chosen under the previous settings must not outlive them
