@@ -115,7 +115,7 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
         results: dict[str, object] = {}
 
         def first():
-            results["first"] = master.predict("slow", {**x, "delay_ms": np.int64(1500)})
+            results["first"] = master.predict("slow", {**x, "delay_ms": np.int64(3000)})
 
         thread = threading.Thread(target=first)
         thread.start()
@@ -123,7 +123,7 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
             master.predict("slow", {**x, "delay_ms": np.int64(0)})
-        assert time.monotonic() - started < 0.5, "a call over the cap must fail at once"
+        assert time.monotonic() - started < 1.5, "a call over the cap must fail at once, not wait for a slot"
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--remote_predict_max_inflight_per_target" in caught.value.details()
         thread.join()

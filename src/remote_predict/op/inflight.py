@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -12,16 +13,16 @@ STALL_FRACTION = 4  # a call waiting a quarter of its deadline means its target 
 WATCH_SECONDS = 0.05  # how often the watchdog looks at the calls in flight
 # Codes that say the target did not answer; any other end of a probe means it is answering again.
 NO_ANSWER = frozenset({Code.DEADLINE_EXCEEDED, Code.UNAVAILABLE, Code.CANCELLED})
+_log = logging.getLogger(__name__)
 
 
 class _Call:
-    __slots__ = ("cancel", "deadline", "probe", "shed", "start", "target")
+    __slots__ = ("cancel", "deadline", "shed", "start", "target")
 
-    def __init__(self, target: str, deadline: float, probe: bool):
+    def __init__(self, target: str, deadline: float):
         self.start = time.monotonic()
         self.target = target
         self.deadline = deadline
-        self.probe = probe
         self.cancel: Callable[[], object] | None = None
         self.shed = False
 
@@ -71,7 +72,7 @@ class _Targets:
             if self.limit and len(state.calls) >= self.limit:
                 return None, Code.RESOURCE_EXHAUSTED, (f"{self.limit} calls to this target are already in flight "
                                                        "(--remote_predict_max_inflight_per_target)")
-            call = _Call(target, deadline, probe)
+            call = _Call(target, deadline)
             state.calls[id(call)] = call
             if probe:
                 state.probe = call
@@ -112,7 +113,10 @@ class _Targets:
                     self._wake.wait()
                 cancels = self._shed_stalled(time.monotonic())
             for cancel in cancels:
-                cancel()
+                try:
+                    cancel()
+                except Exception:  # the watchdog must outlive a failing stub
+                    _log.exception("cancelling a call failed")
             time.sleep(WATCH_SECONDS)
 
     def _shed_stalled(self, now: float) -> list[Callable[[], object]]:
@@ -125,7 +129,6 @@ class _Targets:
                 continue
             state.stalled_since = now
             state.probe = oldest
-            oldest.probe = True
             for call in others:
                 call.shed = True
                 if call.cancel is not None:
