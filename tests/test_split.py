@@ -15,6 +15,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from helpers import REPO, InProcessServer, ServerProcess, free_port, wait_until, write_config
 from remote_predict.split import cli as split_cli
+from remote_predict.split.checkpoint_bundle import Bundle
 from remote_predict.split.partition import Partition
 
 
@@ -101,6 +102,120 @@ def test_split_answers_bit_for_bit(tmp_path, strategy, shards):
             assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2
     finally:
         split.stop()
+
+
+def exported(keras_file: str, base_path, version: int = 1) -> str:
+    """The model as TF Serving users have it: `model.export()` into a base path's version directory."""
+    keras.models.load_model(keras_file).export(str(base_path / str(version)), verbose=False)
+    return str(base_path)
+
+
+@pytest.mark.parametrize(("strategy", "shards"), [("mod", 2), ("div", 3)])
+def test_split_a_saved_model_export_bit_for_bit(tmp_path, strategy, shards):
+    """A Keras export has no layer config: split rewrites its graph, and answers exactly as the export does."""
+    model = exported(recommender(tmp_path / "rec.keras"), tmp_path / "rec")
+    split = Split(model, tmp_path / "out", shards, f"--partition={strategy}", "--threshold_mib=0")
+    try:
+        shard_config = (tmp_path / "out" / "config" / "shard_0.config").read_text()
+        assert "rec_user_table_shard_0" in shard_config and "rec_item_table_shard_0" in shard_config
+        assert "tower" not in shard_config, "a Dense kernel is not a table, whatever its size"
+        master = Bundle(str(tmp_path / "out" / "master" / "1" / "variables" / "variables"))
+        emptied = sorted(master.shape(key) for key in master.entries if master.shape(key)[:1] == (0,))
+        assert emptied == [(0, 8), (0, 8)], "the master's checkpoint holds no rows of the tables it shards"
+        rng = np.random.default_rng(shards)
+        for batch in (1, 9, 64):
+            got, expected = split.answers(random_ids(rng, batch))
+            assert got.shape == (batch, 1) and got.tobytes() == expected.tobytes()
+        same = {"user": np.full((4, 1), 99, np.int32), "items": np.tile(np.array([[0, 49, -1]], np.int32), (4, 1))}
+        got, expected = split.answers(same)
+        assert got.tobytes() == expected.tobytes(), "duplicate ids, first and last rows, a negative id"
+        empty = {"user": np.zeros((0, 1), np.int32), "items": np.zeros((0, 3), np.int32)}
+        got, expected = split.answers(empty)
+        assert got.shape == expected.shape == (0, 1)
+        for bad in ({"user": np.array([[100]], np.int32), "items": np.array([[1, 2, 3]], np.int32)},
+                    {"user": np.array([[1]], np.int32), "items": np.array([[1, -51, 3]], np.int32)}):
+            for model_name in (split.name, "unsplit"):
+                with pytest.raises(grpc.RpcError) as caught:
+                    split.master.predict(model_name, bad)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is not in [0, " in caught.value.details(), caught.value.details()
+    finally:
+        split.stop()
+
+
+class Ranker(tf.Module):
+    """Not Keras: a module whose tables are gathered with tf.nn.embedding_lookup (ResourceGather ops)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.words = tf.Variable(rng.normal(size=(30, 4)).astype(np.float32), name="words")
+        self.weights = tf.Variable(rng.normal(size=(4, 1)).astype(np.float32), name="weights")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int64, name="query"),
+                                  tf.TensorSpec([None], tf.int64, name="doc")])
+    def score(self, query, doc):
+        q = tf.reduce_mean(tf.nn.embedding_lookup(self.words, query), axis=1)
+        d = tf.nn.embedding_lookup(self.words, doc)
+        return {"score": tf.matmul(q * d, self.weights)}
+
+
+def test_split_a_saved_model_that_is_not_keras(tmp_path):
+    ranker = Ranker()
+    tf.saved_model.save(ranker, str(tmp_path / "ranker" / "1"), signatures={"serving_default": ranker.score})
+    split = Split(str(tmp_path / "ranker"), tmp_path / "out", 2, "--tables=words", name="ranker")
+    try:
+        rng = np.random.default_rng(0)
+        for batch in (1, 5):
+            inputs = {"query": rng.integers(0, 30, (batch, 6)), "doc": rng.integers(0, 30, (batch,))}
+            got = tf.make_ndarray(split.master.predict("ranker", inputs).outputs["score"])
+            expected = tf.make_ndarray(split.master.predict("unsplit", inputs).outputs["score"])
+            assert got.shape == (batch, 1) and got.tobytes() == expected.tobytes()
+        with pytest.raises(grpc.RpcError) as caught:
+            split.master.predict("ranker", {"query": np.array([[1, 30]]), "doc": np.array([2])})
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not in [0, 30)" in caught.value.details()
+    finally:
+        split.stop()
+
+
+def test_split_a_keras_2_saved_model(tmp_path):
+    """`model.save(dir)` of Keras 2 (TF up to 2.15, or tf_keras): its many traced functions all gather."""
+    import tf_keras
+
+    user = tf_keras.Input(shape=(1,), dtype="int32", name="user")
+    items = tf_keras.Input(shape=(3,), dtype="int32", name="items")
+    u = tf_keras.layers.Embedding(100, 8, name="user_table")(user)
+    i = tf_keras.layers.Embedding(50, 8, name="item_table", embeddings_initializer="normal")(items)
+    x = tf_keras.layers.Dense(16, activation="relu", name="tower")(tf_keras.layers.Flatten()(
+        tf_keras.layers.Concatenate(axis=1)([u, i])))
+    tf_keras.Model([user, items], tf_keras.layers.Dense(1, name="score")(x)).save(str(tmp_path / "rec" / "1"),
+                                                                                save_format="tf")
+    split = Split(str(tmp_path / "rec"), tmp_path / "out", 2, "--threshold_mib=0", "--partition=div")
+    try:
+        assert "rec_user_table_shard_1" in (tmp_path / "out" / "config" / "shard_1.config").read_text()
+        rng = np.random.default_rng(5)
+        for batch in (1, 16):
+            inputs = random_ids(rng, batch)
+            got = tf.make_ndarray(split.master.predict("rec", inputs).outputs["score"])
+            expected = tf.make_ndarray(split.master.predict("unsplit", inputs).outputs["score"])
+            assert got.shape == (batch, 1) and got.tobytes() == expected.tobytes()
+    finally:
+        split.stop()
+
+
+def test_saved_model_refusals(tmp_path):
+    model = exported(recommender(tmp_path / "rec.keras"), tmp_path / "rec")
+    with pytest.raises(SystemExit, match="'tower/kernel' is used other than by gathering rows"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'a'}", "--tables=tower"])
+    with pytest.raises(SystemExit, match="no table named 'nope'"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'b'}", "--tables=nope"])
+    with pytest.raises(SystemExit, match="--cut needs the model's layers"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'c'}", "--cut=tower"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"holds no saved_model\.pb"):
+        split_cli.main([str(tmp_path / "empty"), f"--output_dir={tmp_path / 'd'}"])
+    with pytest.raises(SystemExit, match="no Embedding table is larger than 64 MiB"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'e'}"])
 
 
 def test_sequential_model_and_ids_of_another_shape(tmp_path):
@@ -324,3 +439,24 @@ def test_splitter_holds_about_one_shard_not_the_table(tmp_path, strategy):
             "--shards=16", f"--partition={strategy}", "--tables=user_table"])
     extra = peaks["big"] - peaks["tiny"]
     assert extra < 512 / 3, f"splitting a 512 MiB table into 32 MiB shards took {extra:.0f} MB more than a tiny one"
+
+
+def test_splitting_a_saved_model_reads_the_table_by_rows(tmp_path):
+    """Checkpoint slices of a whole tensor would be read whole: the splitter maps the bundle's bytes instead."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale
+
+    peaks, sizes = {}, {}
+    for name, rows in (("tiny", 1000), ("big", 1_048_576)):  # 256 MiB
+        keras_file = scale.write_recommender(tmp_path / f"{name}.keras", rows=rows, dim=64)
+        export = tmp_path / name / "1"
+        subprocess.run([sys.executable, "-c", "import sys, keras; keras.models.load_model(sys.argv[1])"
+                        ".export(sys.argv[2], verbose=False)", str(keras_file), str(export)], check=True)
+        _, peaks[name] = scale.run_measured([
+            sys.executable, "-m", "remote_predict", "split", str(export), f"--output_dir={tmp_path / (name + '_out')}",
+            "--shards=8", "--tables=user_table"])
+        master = tmp_path / f"{name}_out" / "master" / "1" / "variables"
+        sizes[name] = sum(f.stat().st_size for f in master.iterdir())
+    extra = peaks["big"] - peaks["tiny"]
+    assert extra < 256 / 3, f"splitting a 256 MiB table into 32 MiB shards took {extra:.0f} MB more than a tiny one"
+    assert sizes["big"] - sizes["tiny"] < 1 << 20, "the master's checkpoint holds neither copy of the table"

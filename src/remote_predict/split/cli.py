@@ -1,6 +1,7 @@
 """`remote-predict split`: cut a Keras model into pieces that servers host, with RemotePredict ops between.
 
-Two ways to split:
+The model is a `.keras` file or a SavedModel exported from Keras (`model.export()`); a SavedModel is
+split by rewriting its graph (every gather from a table becomes a call to the shards). Two ways to split:
 
 * Sharding tables (the default): every Embedding table larger than --threshold_mib (or those named by
   --tables) is sharded by rows over --shards servers. Written: one shard SavedModel per table and shard
@@ -26,7 +27,7 @@ import keras
 import tensorflow as tf
 
 from remote_predict.op import api as remote_predict
-from remote_predict.split import deploy, models, writers
+from remote_predict.split import deploy, models, sources, writers
 from remote_predict.split.keras_archive import KerasArchive
 from remote_predict.split.partition import STRATEGIES, Partition
 
@@ -43,19 +44,21 @@ def _parse_addresses(text: str, count: int, base_port: int) -> list[str]:
     return addresses
 
 
-def _choose_tables(archive: KerasArchive, names: str, threshold_mib: float) -> list:
-    embeddings = [e for e in archive.layers if e.class_name == "Embedding"]
+def _choose_tables(source: sources.ModelSource, names: str, threshold_mib: float) -> dict:
+    """Table name -> rows: those named, or every table larger than the threshold."""
+    tables = source.tables()
     if names:
-        chosen = []
+        chosen = {}
         for name in (n.strip() for n in names.split(",") if n.strip()):
-            entry = archive.layer(name)
-            if entry.class_name != "Embedding":
-                raise SystemExit(f"--tables: layer {name!r} is a {entry.class_name}, not an Embedding")
-            chosen.append(entry)
+            try:
+                key = source.resolve(name)
+            except ValueError as e:
+                raise SystemExit(f"--tables: {e}") from None
+            chosen[key] = tables[key]
         return chosen
-    chosen = [e for e in embeddings if archive.table(e).nbytes > threshold_mib * (1 << 20)]
+    chosen = {name: rows for name, rows in tables.items() if rows.nbytes > threshold_mib * (1 << 20)}
     if not chosen:
-        sizes = ", ".join(f"{e.name} {archive.table(e).nbytes / (1 << 20):.1f} MiB" for e in embeddings) or "none"
+        sizes = ", ".join(f"{name} {rows.nbytes / (1 << 20):.1f} MiB" for name, rows in tables.items()) or "none"
         raise SystemExit(f"no Embedding table is larger than {threshold_mib:g} MiB (tables: {sizes}); "
                          "name the tables to shard with --tables, or lower --threshold_mib")
     return chosen
@@ -88,23 +91,22 @@ def _wait_for_versions(addresses: dict[str, list[str]], version: int, timeout: f
             print(f"  {model} version {version} is AVAILABLE at {target}", file=sys.stderr)
 
 
-def _split_tables(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
-    tables = _choose_tables(archive, args.tables, args.threshold_mib)
+def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.Server]:
+    tables = _choose_tables(source, args.tables, args.threshold_mib)
     addresses = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port)
     out = os.path.abspath(args.output_dir)
     plans, shard_models = [], {k: {} for k in range(args.shards)}
-    for entry in tables:
-        table = archive.table(entry)
+    for table_name, table in tables.items():
         rows, dim = table.shape
         partition = Partition(args.partition, rows, args.shards)
-        model_names = tuple(f"{name}_{entry.name}_shard_{k}" for k in range(args.shards))
-        plans.append(models.TablePlan(entry.name, rows, dim, args.partition, tuple(addresses), model_names))
+        model_names = tuple(f"{name}_{table_name}_shard_{k}" for k in range(args.shards))
+        plans.append(models.TablePlan(table_name, rows, dim, args.partition, tuple(addresses), model_names))
         for k in range(args.shards):
             path = os.path.join(out, "shards", model_names[k])
             shard_models[k][model_names[k]] = path
             if args.only in ("all", "shards"):
-                label = f"table {entry.name} ({rows} x {dim}) shard {k + 1}/{args.shards}"
-                chunks = writers.shard_chunks(archive, entry, partition, k, writers.Progress(label))
+                label = f"table {table_name} ({rows} x {dim}) shard {k + 1}/{args.shards}"
+                chunks = writers.shard_chunks(table, partition, k, writers.Progress(label))
                 writers.write_shard(os.path.join(path, str(args.version)), partition.shard_rows(k), dim,
                                     table.dtype, chunks)
     if args.only in ("all", "master") and args.wait_for_shards:
@@ -112,11 +114,10 @@ def _split_tables(args, archive: KerasArchive, name: str) -> list[deploy.Server]
         _wait_for_versions(wanted, args.version, args.wait_timeout)
     if args.only in ("all", "master"):
         print(f"  master {name} version {args.version}", file=sys.stderr)
-        master = models.master_model(archive, plans, args.version, args.deadline_ms)
-        writers.write_keras(os.path.join(out, "master", str(args.version)), master)
+        source.write_master(os.path.join(out, "master", str(args.version)), plans, args.version, args.deadline_ms)
     if args.export_unsplit:
         print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
-        writers.write_keras(os.path.join(out, "unsplit", str(args.version)), models.unsplit_model(archive))
+        source.write_unsplit(os.path.join(out, "unsplit", str(args.version)))
     servers = [deploy.Server("master", {name: os.path.join(out, "master")}, [args.master_port],
                              rest_port=args.master_rest_port)]
     for k in range(args.shards):
@@ -185,7 +186,8 @@ def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="remote-predict split", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a .keras file")
+    parser.add_argument("model", help="a .keras file, or a SavedModel directory (or a base path of versions) "
+                                      "exported from Keras")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--name", help="model name the master (or head) is served under (default: the model's)")
     parser.add_argument("--version", type=int, default=1, help="version written (default 1)")
@@ -217,10 +219,19 @@ def main(argv: list[str]) -> int:
     if args.shards < 1:
         parser.error("--shards must be at least 1")
     started = time.monotonic()
-    with KerasArchive(args.model) as archive:
-        name = args.name or archive.config["config"].get("name") or os.path.splitext(os.path.basename(args.model))[0]
+    try:
+        source = sources.open_source(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"remote-predict split: cannot read {args.model}: {e}") from None
+    try:
+        name = args.name or source.name
         print(f"remote-predict split {args.model} -> {args.output_dir}", file=sys.stderr)
-        servers = _split_cut(args, archive, name) if args.cut else _split_tables(args, archive, name)
+        if args.cut and not isinstance(source, sources.KerasSource):
+            raise SystemExit("--cut needs the model's layers: give the .keras file (a SavedModel export has no "
+                             "layer config)")
+        servers = _split_cut(args, source.archive, name) if args.cut else _split_tables(args, source, name)
+    finally:
+        source.close()
     written = deploy.write(args.output_dir, servers)
     manifest = {"model": os.path.abspath(args.model), "name": name, "version": args.version,
                 "mode": "cut" if args.cut else "tables", "servers": {s.name: s.ports for s in servers}}

@@ -23,12 +23,17 @@ EMBEDDINGS = "embeddings"
 
 
 def lookup_function(partition: Partition, dim: int, dtype: tf.DType, targets: Sequence[str],
-                    models: Sequence[str], version: int, deadline_ms: int, name: str):
-    """A concrete function ids (int64, [n]) -> rows ([n, dim])."""
+                    models: Sequence[str], version: int, deadline_ms: int, name: str, wrap_negative: bool = True):
+    """A concrete function ids (int64, [n]) -> rows ([n, dim]).
+
+    `wrap_negative` counts negative ids from the end, as Keras' Embedding does before its gather; a
+    gather itself (what a graph rewrite replaces) refuses them.
+    """
 
     def lookup(ids):
         ids = tf.reshape(ids, [-1])
-        ids = tf.where(ids < 0, ids + partition.rows, ids)  # Keras' take counts negative ids from the end
+        if wrap_negative:
+            ids = tf.where(ids < 0, ids + partition.rows, ids)
         bad = tf.where((ids < 0) | (ids >= partition.rows))[:, 0]
         first_bad = tf.gather(tf.concat([bad, [0]], 0), 0)
         message = tf.strings.format("indices[{}] = {} is not in [0, {})",

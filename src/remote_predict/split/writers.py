@@ -17,7 +17,6 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from remote_predict.split.keras_archive import KerasArchive, LayerEntry
 from remote_predict.split.partition import Partition
 from remote_predict.split.sharded_embedding import EMBEDDINGS, IDS
 
@@ -40,10 +39,9 @@ def atomic_directory(path: str):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def shard_chunks(archive: KerasArchive, entry: LayerEntry, partition: Partition, shard: int,
+def shard_chunks(table, partition: Partition, shard: int,
                  progress: Callable[[float], None]) -> Iterator[tuple[int, np.ndarray]]:
-    """(first local row, rows) of one shard, read from the table about CHUNK_BYTES at a time."""
-    table = archive.table(entry)
+    """(first local row, rows) of one shard, read from `table` (h5py or StoredRows) CHUNK_BYTES at a time."""
     dim = table.shape[1]
     count = partition.shard_rows(shard)
     chunk = max(partition.shards, (CHUNK_BYTES // max(1, dim * table.dtype.itemsize)) // partition.shards

@@ -1,0 +1,350 @@
+"""Splitting a SavedModel (TF2, as `model.export()` writes it) by rewriting its graph, not its Keras config.
+
+A Keras 3 export carries functions and variables but no layer config, so the splitter works on the graph:
+
+* tables: a rank-2 variable that the serving functions use only as rows to gather (`ReadVariableOp` then
+  `GatherV2` on axis 0, or `ResourceGather`), found by following the variable's handle from the outer
+  graph into the functions it is passed to. Its checkpoint key comes from the SavedModel's restore
+  function (which assigns each key to a handle), its rows from the checkpoint bundle, a range at a time.
+* master: the same SavedModel with each such gather replaced by a call to a lookup function that sends
+  every shard its ids with RemotePredict ops, and a checkpoint in which the tables (and any large
+  variable that serving never reads, such as the second copy of each table a Keras export keeps) hold
+  zero rows: the master never reads them, and loads in the memory of its small variables.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import function_pb2, node_def_pb2
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2, trackable_object_graph_pb2
+
+from remote_predict.split.checkpoint_bundle import Bundle
+from remote_predict.split.partition import Partition
+from remote_predict.split.sharded_embedding import lookup_function
+from remote_predict.split.writers import atomic_directory
+
+CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+UNUSED_ZERO_BYTES = 1 << 20  # a variable serving never reads is written empty above this size
+
+
+@dataclass
+class Table:
+    """A rank-2 variable the serving graph reads only by gathering rows."""
+
+    key: str  # checkpoint key
+    name: str  # the variable's name, e.g. "item_table/embeddings"
+    slug: str  # the name as it appears in model names, e.g. "item_table"
+    handles: set[str] = field(default_factory=set)
+    lookups: list[tuple[str, str]] = field(default_factory=list)  # (function, node)
+    other_uses: list[str] = field(default_factory=list)
+
+
+def find_saved_model(path: str) -> str:
+    """`path` itself, or its highest integer version directory (a TF Serving base path)."""
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [int(v) for v in os.listdir(path) if v.isdigit()] if os.path.isdir(path) else []
+    for version in sorted(versions, reverse=True):
+        candidate = os.path.join(path, str(version))
+        if os.path.exists(os.path.join(candidate, "saved_model.pb")):
+            return candidate
+    raise ValueError(f"{path} holds no saved_model.pb, nor a version directory with one")
+
+
+def _slug(name: str) -> str:
+    base = re.sub(r"(:0)$", "", name)
+    base = re.sub(r"/(embeddings|kernel|table)$", "", base)
+    return re.sub(r"[^A-Za-z0-9_]+", "_", base).strip("_") or "table"
+
+
+def _source(reference: str) -> str:
+    """The node a function-body input names ("node:out:0" -> "node", "arg" -> "arg")."""
+    return reference.lstrip("^").split(":")[0]
+
+
+def _const_int(node: node_def_pb2.NodeDef | None) -> int | None:
+    if node is None or node.op != "Const":
+        return None
+    value = tf.make_ndarray(node.attr["value"].tensor)
+    return int(value) if value.size == 1 else None
+
+
+class SavedModelSource:
+    """An exported SavedModel, read for splitting: its tables, their rows, and a master rewrite."""
+
+    def __init__(self, path: str, tags: Sequence[str] = ("serve",)):
+        self.path = find_saved_model(path)
+        self.saved_model = saved_model_pb2.SavedModel()
+        with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
+            self.saved_model.ParseFromString(f.read())
+        graphs = [g for g in self.saved_model.meta_graphs if set(tags) <= set(g.meta_info_def.tags)]
+        if not graphs:
+            raise ValueError(f"{self.path} has no meta graph tagged {list(tags)}")
+        self.meta_graph: meta_graph_pb2.MetaGraphDef = graphs[0]
+        self.bundle = Bundle(os.path.join(self.path, "variables", "variables"))
+        self.functions = {f.signature.name: f for f in self.meta_graph.graph_def.library.function}
+        self.nodes = {n.name: n for n in self.meta_graph.graph_def.node}
+        self.name = os.path.basename(os.path.dirname(self.path) if os.path.basename(self.path).isdigit()
+                                     else self.path.rstrip("/"))
+        self._saver_nodes = {_source(self.meta_graph.saver_def.restore_op_name),
+                             _source(self.meta_graph.saver_def.save_tensor_name)}
+        self.key_of_handle = self._restored_handles()
+        self.serving_handles: set[str] = set()
+        self.tables = self._find_tables()
+
+    # -- analysis ---------------------------------------------------------------------------------
+    def _restored_handles(self) -> dict[str, str]:
+        """Outer VarHandleOp name -> the checkpoint key the restore function assigns to it."""
+        restore = self.nodes.get(_source(self.meta_graph.saver_def.restore_op_name))
+        if restore is None or restore.op not in CALL_OPS:
+            raise ValueError(f"{self.path}: not a TF2 SavedModel (its variables are not restored by a function); "
+                             "split reads SavedModels written by model.export() or tf.saved_model.save()")
+        function = self.functions[restore.attr["f"].func.name]
+        body = {n.name: n for n in function.node_def}
+        args = [a.name for a in function.signature.input_arg]
+        keys: list[str] = []
+        for node in function.node_def:
+            if node.op == "RestoreV2":
+                keys = [k.decode() for k in tf.make_ndarray(body[_source(node.input[1])].attr["value"].tensor)]
+        handles = {}
+        for node in function.node_def:
+            if node.op != "AssignVariableOp" or node.input[0] not in args:
+                continue
+            value = body.get(_source(node.input[1]))
+            while value is not None and value.op == "Identity":
+                source = value.input[0]
+                if _source(source) in body and body[_source(source)].op == "RestoreV2":
+                    index = int(source.split(":")[-1])
+                    outer = restore.input[args.index(node.input[0])]
+                    handles[_source(outer)] = keys[index]
+                    break
+                value = body.get(_source(source))
+        return handles
+
+    def _variable_names(self) -> dict[str, str]:
+        """Checkpoint key -> variable name, from the checkpoint's object graph."""
+        names: dict[str, str] = {}
+        if OBJECT_GRAPH_KEY in self.bundle.entries:
+            graph = trackable_object_graph_pb2.TrackableObjectGraph()
+            graph.ParseFromString(self.bundle.read(OBJECT_GRAPH_KEY).numpy())
+            for node in graph.nodes:
+                for attribute in node.attributes:
+                    names.setdefault(attribute.checkpoint_key, attribute.full_name)
+        return names
+
+    def _find_tables(self) -> list[Table]:
+        names = self._variable_names()
+        candidates: dict[str, Table] = {}
+        for handle, key in self.key_of_handle.items():
+            entry = self.bundle.entries.get(key)
+            if entry is None or len(entry.shape.dim) != 2 or not self.bundle.dtype(key).is_floating:
+                continue
+            name = names.get(key) or key
+            table = candidates.setdefault(key, Table(key, name, _slug(name)))
+            table.handles.add(handle)
+        by_handle = {h: t for t in candidates.values() for h in t.handles}
+        seen: set[tuple[str, int, str]] = set()  # a function reached from several call sites is read once
+        for node in self.meta_graph.graph_def.node:
+            if node.op not in CALL_OPS or node.name in self._saver_nodes:
+                continue
+            for position, reference in enumerate(node.input):
+                handle = _source(reference)
+                if handle in self.key_of_handle:
+                    self.serving_handles.add(handle)
+                if handle in by_handle and not reference.startswith("^"):
+                    self._trace(node.attr["f"].func.name, position, by_handle[handle], seen)
+        tables = [t for t in candidates.values() if t.lookups or t.other_uses]
+        slugs = [t.slug for t in tables]
+        for table in tables:
+            if slugs.count(table.slug) > 1:
+                table.slug = _slug(table.key)
+        return tables
+
+    def _trace(self, function_name: str, position: int, table: Table, seen: set) -> None:
+        """Record how `function_name` uses its argument `position`, the table's handle."""
+        if (function_name, position, table.key) in seen:
+            return
+        seen.add((function_name, position, table.key))
+        function = self.functions[function_name]
+        arg = function.signature.input_arg[position].name
+        body = {n.name: n for n in function.node_def}
+        for node in function.node_def:
+            data = [i for i in node.input if not i.startswith("^")]
+            if arg not in data:
+                continue
+            if node.op in CALL_OPS:
+                for index, reference in enumerate(data):
+                    if reference == arg:
+                        self._trace(node.attr["f"].func.name, index, table, seen)
+            elif node.op == "ResourceGather" and data[0] == arg and node.attr["batch_dims"].i == 0:
+                table.lookups.append((function_name, node.name))
+            elif node.op == "ReadVariableOp":
+                self._trace_read(function, body, node, table)
+            else:
+                table.other_uses.append(f"{node.op} {node.name!r} in {function_name}")
+        for index, ret in enumerate(function.signature.output_arg):
+            if function.ret.get(ret.name) == arg:
+                table.other_uses.append(f"returned as output {index} of {function_name}")
+
+    def _trace_read(self, function: function_pb2.FunctionDef, body: dict, read: node_def_pb2.NodeDef,
+                    table: Table) -> None:
+        value = f"{read.name}:value:0"
+        for node in function.node_def:
+            data = [i for i in node.input if not i.startswith("^")]
+            if value not in data:
+                continue
+            is_gather = (node.op == "GatherV2" and data[0] == value and value not in data[1:]
+                         and _const_int(body.get(_source(data[2]))) == 0 and node.attr["batch_dims"].i == 0)
+            if is_gather:
+                table.lookups.append((function.signature.name, node.name))
+            else:
+                table.other_uses.append(f"{node.op} {node.name!r} in {function.signature.name}")
+        if value in function.ret.values():
+            table.other_uses.append(f"returned by {function.signature.name}")
+
+    def shardable(self) -> list[Table]:
+        return [t for t in self.tables if t.lookups and not t.other_uses]
+
+    def table(self, table: Table) -> np.memmap:
+        return self.bundle.rows(table.key)
+
+    # -- the master -------------------------------------------------------------------------------
+    def write_master(self, path: str, plans: Sequence, version: int, deadline_ms: int) -> None:
+        """This SavedModel with every planned table's gathers replaced by calls to its shards."""
+        by_slug = {t.slug: t for t in self.tables}
+        saved_model = copy.deepcopy(self.saved_model)
+        meta_graph = saved_model.meta_graphs[list(self.saved_model.meta_graphs).index(self.meta_graph)]
+        library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+        emptied: set[str] = set()
+        for plan in plans:
+            table = by_slug[plan.layer]
+            emptied.add(table.key)
+            dtype = self.bundle.dtype(table.key)
+            calls: dict[tf.DType, str] = {}
+            for function_name, node_name in table.lookups:
+                function = library[function_name]
+                node = next(n for n in function.node_def if n.name == node_name)
+                index_dtype = tf.as_dtype(node.attr["Tindices"].type)
+                if index_dtype not in calls:
+                    calls[index_dtype] = _add_lookup(library, plan, dtype, index_dtype, version, deadline_ms)
+                _replace_with_call(function, node, calls[index_dtype], index_dtype, dtype)
+        for handle, key in self.key_of_handle.items():
+            if handle not in self.serving_handles and self._nbytes(key) > UNUSED_ZERO_BYTES:
+                emptied.add(key)  # serving never reads it: keep it out of the master's memory
+        del meta_graph.graph_def.library.function[:]
+        meta_graph.graph_def.library.function.extend(library.values())
+        _shrink_saved_variables(meta_graph, self._variable_node_keys(), emptied)
+        with atomic_directory(path) as scratch:
+            for extra in ("assets", "assets.extra"):
+                if os.path.isdir(os.path.join(self.path, extra)):
+                    shutil.copytree(os.path.join(self.path, extra), os.path.join(scratch, extra))
+            os.makedirs(os.path.join(scratch, "variables"))
+            self._write_checkpoint(os.path.join(scratch, "variables", "variables"), emptied)
+            with open(os.path.join(scratch, "saved_model.pb"), "wb") as f:
+                f.write(saved_model.SerializeToString())
+
+    def _nbytes(self, key: str) -> int:
+        return int(np.prod(self.bundle.shape(key), dtype=np.int64)) * self.bundle.dtype(key).size
+
+    def _variable_node_keys(self) -> dict[int, str]:
+        """SavedObjectGraph node id -> checkpoint key (the object graphs of model and checkpoint agree)."""
+        keys: dict[int, str] = {}
+        if OBJECT_GRAPH_KEY in self.bundle.entries:
+            graph = trackable_object_graph_pb2.TrackableObjectGraph()
+            graph.ParseFromString(self.bundle.read(OBJECT_GRAPH_KEY).numpy())
+            for node_id, node in enumerate(graph.nodes):
+                for attribute in node.attributes:
+                    if attribute.name == "VARIABLE_VALUE":
+                        keys[node_id] = attribute.checkpoint_key
+        return keys
+
+    def _write_checkpoint(self, prefix: str, emptied: set[str]) -> None:
+        names, tensors = [], []
+        for key in sorted(self.bundle.entries):
+            if key in emptied:
+                shape = self.bundle.shape(key)
+                tensors.append(tf.zeros([0, *shape[1:]], self.bundle.dtype(key)))
+            else:
+                tensors.append(self.bundle.read(key))
+            names.append(key)
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+
+
+def _shrink_saved_variables(meta_graph: meta_graph_pb2.MetaGraphDef, node_keys: dict[int, str],
+                            emptied: set[str]) -> None:
+    """Tell `tf.saved_model.load` that the emptied variables hold zero rows, as the checkpoint does."""
+    for node_id, node in enumerate(meta_graph.object_graph_def.nodes):
+        if node.WhichOneof("kind") == "variable" and node_keys.get(node_id) in emptied and node.variable.shape.dim:
+            node.variable.shape.dim[0].size = 0
+
+
+def _add_lookup(library: dict[str, function_pb2.FunctionDef], plan, dtype: tf.DType, index_dtype: tf.DType,
+                version: int, deadline_ms: int) -> str:
+    """Add a function (indices of any shape) -> rows to `library`; return its name."""
+    partition = Partition(plan.strategy, plan.rows, len(plan.targets))
+    lookup = lookup_function(partition, plan.dim, dtype, plan.targets, plan.shard_models, version, deadline_ms,
+                             plan.layer, wrap_negative=False)
+
+    @tf.function(autograph=False)
+    def gather(indices):
+        rows = lookup(tf.reshape(tf.cast(indices, tf.int64), [-1]))
+        return tf.reshape(rows, tf.concat([tf.shape(indices), [plan.dim]], 0))
+
+    concrete = gather.get_concrete_function(tf.TensorSpec(None, index_dtype))
+    functions = [*concrete.graph.as_graph_def().library.function, concrete.function_def]
+    renames = {}
+    for function in functions:
+        name = f"remote_predict_{plan.layer}_{index_dtype.name}_{function.signature.name}"
+        while name in library:
+            name += "_"
+        renames[function.signature.name] = name
+    for function in functions:
+        function = copy.deepcopy(function)
+        function.signature.name = renames[function.signature.name]
+        for node in function.node_def:
+            for attr in node.attr.values():
+                if attr.HasField("func") and attr.func.name in renames:
+                    attr.func.name = renames[attr.func.name]
+        library[function.signature.name] = function
+    return renames[concrete.function_def.signature.name]
+
+
+def _replace_with_call(function: function_pb2.FunctionDef, node: node_def_pb2.NodeDef, lookup: str,
+                       index_dtype: tf.DType, dtype: tf.DType) -> None:
+    """Turn a gather node into an Identity of a new node calling `lookup` on its indices.
+
+    The gather keeps its name (and output name, "output") for its consumers. The call gets a name of its
+    own because inlining prefixes the callee's nodes with the call's name, which must not collide with
+    the caller's nodes (`embedding_lookup/Identity` follows a gather named `embedding_lookup`).
+    """
+    names = {n.name for n in function.node_def}
+    call_name = f"{node.name}/remote_predict_lookup"
+    while call_name in names:
+        call_name += "_"
+    call = function.node_def.add()
+    call.name = call_name
+    call.op = "StatefulPartitionedCall"
+    call.input.extend([node.input[1], *(i for i in node.input if i.startswith("^"))])
+    call.attr["Tin"].list.type.append(index_dtype.as_datatype_enum)
+    call.attr["Tout"].list.type.append(dtype.as_datatype_enum)
+    call.attr["f"].func.name = lookup
+    for name in ("config", "config_proto", "executor_type"):
+        call.attr[name].s = b""
+    if "_output_shapes" in node.attr:
+        call.attr["_output_shapes"].CopyFrom(node.attr["_output_shapes"])
+    for name in list(node.attr):
+        if name != "_output_shapes":  # e.g. `_class` would colocate it with the table it no longer reads
+            del node.attr[name]
+    node.op = "Identity"
+    del node.input[:]
+    node.input.append(f"{call_name}:output:0")
+    node.attr["T"].type = dtype.as_datatype_enum
