@@ -203,6 +203,28 @@ def test_split_a_keras_2_saved_model(tmp_path):
         split.stop()
 
 
+class TiedLanguageModel(tf.Module):
+    """Tied weights: the table is gathered from and also multiplied with, so it cannot live on shards."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = tf.Variable(tf.random.normal([20, 4], seed=1), name="words")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="token")])
+    def next_token_logits(self, token):
+        return {"logits": tf.matmul(tf.nn.embedding_lookup(self.words, token), self.words, transpose_b=True)}
+
+
+def test_a_table_also_used_otherwise_is_not_sharded(tmp_path, capsys):
+    lm = TiedLanguageModel()
+    tf.saved_model.save(lm, str(tmp_path / "lm" / "1"), signatures={"serving_default": lm.next_token_logits})
+    with pytest.raises(SystemExit, match="no Embedding table is larger than 0 MiB"):
+        split_cli.main([str(tmp_path / "lm"), f"--output_dir={tmp_path / 'a'}", "--threshold_mib=0"])
+    assert "not sharding words (0.0 MiB): the graph also uses it otherwise (MatMul" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="'words' is used other than by gathering rows"):
+        split_cli.main([str(tmp_path / "lm"), f"--output_dir={tmp_path / 'b'}", "--tables=words"])
+
+
 def test_saved_model_refusals(tmp_path):
     model = exported(recommender(tmp_path / "rec.keras"), tmp_path / "rec")
     with pytest.raises(SystemExit, match="'tower/kernel' is used other than by gathering rows"):

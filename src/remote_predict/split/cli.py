@@ -57,6 +57,10 @@ def _choose_tables(source: sources.ModelSource, names: str, threshold_mib: float
             chosen[key] = tables[key]
         return chosen
     chosen = {name: rows for name, rows in tables.items() if rows.nbytes > threshold_mib * (1 << 20)}
+    for name, (nbytes, why) in source.unshardable().items():
+        if nbytes > threshold_mib * (1 << 20):
+            print(f"  not sharding {name} ({nbytes / (1 << 20):.1f} MiB): the graph also uses it otherwise ({why})",
+                  file=sys.stderr)
     if not chosen:
         sizes = ", ".join(f"{name} {rows.nbytes / (1 << 20):.1f} MiB" for name, rows in tables.items()) or "none"
         raise SystemExit(f"no Embedding table is larger than {threshold_mib:g} MiB (tables: {sizes}); "

@@ -23,6 +23,8 @@ class ModelSource(Protocol):
 
     def resolve(self, name: str) -> str: ...  # the key in tables() a user's name means; ValueError says why not
 
+    def unshardable(self) -> dict[str, tuple[int, str]]: ...  # tables also used otherwise: name -> (bytes, why)
+
     def write_master(self, path: str, plans: Sequence[models.TablePlan], version: int, deadline_ms: int) -> None: ...
 
     def write_unsplit(self, path: str) -> None: ...
@@ -49,6 +51,9 @@ class KerasSource:
             raise ValueError(f"layer {name!r} is a {entry.class_name}, not an Embedding")
         return name
 
+    def unshardable(self) -> dict[str, tuple[int, str]]:
+        return {}  # an Embedding layer's table is only ever gathered from
+
     def write_master(self, path: str, plans: Sequence[models.TablePlan], version: int, deadline_ms: int) -> None:
         writers.write_keras(path, models.master_model(self.archive, plans, version, deadline_ms))
 
@@ -68,6 +73,10 @@ class SavedModelTables:
 
     def tables(self) -> dict:
         return {t.slug: self.model.table(t) for t in self.model.shardable()}
+
+    def unshardable(self) -> dict[str, tuple[int, str]]:
+        return {t.slug: (self.model.table(t).nbytes, "; ".join(t.other_uses[:3]))
+                for t in self.model.tables if t.lookups and t.other_uses}
 
     def resolve(self, name: str) -> str:
         for table in self.model.tables:
