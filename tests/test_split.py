@@ -225,6 +225,32 @@ def test_a_table_also_used_otherwise_is_not_sharded(tmp_path, capsys):
         split_cli.main([str(tmp_path / "lm"), f"--output_dir={tmp_path / 'b'}", "--tables=words"])
 
 
+class SharedLookup(tf.Module):
+    """One traced function gathers from two variables: rewriting it for one would break the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.users = tf.Variable(tf.random.normal([30, 4], seed=1), name="users")
+        self.items = tf.Variable(tf.random.normal([30, 4], seed=2), name="items")
+
+    @tf.function
+    def rows(self, table, ids):
+        return tf.gather(table, ids)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="user"),
+                                  tf.TensorSpec([None], tf.int64, name="item")])
+    def score(self, user, item):
+        return {"score": tf.reduce_sum(self.rows(self.users, user) * self.rows(self.items, item), axis=1)}
+
+
+def test_a_function_shared_by_two_variables_is_not_rewritten(tmp_path, capsys):
+    model = SharedLookup()
+    tf.saved_model.save(model, str(tmp_path / "m" / "1"), signatures={"serving_default": model.score})
+    with pytest.raises(SystemExit, match="no Embedding table is larger than 0 MiB"):
+        split_cli.main([str(tmp_path / "m"), f"--output_dir={tmp_path / 'a'}", "--threshold_mib=0"])
+    assert "also runs on other variables than this table" in capsys.readouterr().err
+
+
 def test_saved_model_refusals(tmp_path):
     model = exported(recommender(tmp_path / "rec.keras"), tmp_path / "rec")
     with pytest.raises(SystemExit, match="'tower/kernel' is used other than by gathering rows"):

@@ -153,6 +153,8 @@ class SavedModelSource:
             table.handles.add(handle)
         by_handle = {h: t for t in candidates.values() for h in t.handles}
         seen: set[tuple[str, int, str]] = set()  # a function reached from several call sites is read once
+        self._traced_calls: set[tuple[str, str, int]] = set()  # (caller function or "", call node, position)
+        self._reached_by: dict[tuple[str, int], set[str]] = {}  # (function, argument) -> tables traced there
         for node in self.meta_graph.graph_def.node:
             if node.op not in CALL_OPS or node.name in self._saver_nodes:
                 continue
@@ -161,7 +163,9 @@ class SavedModelSource:
                 if handle in self.key_of_handle:
                     self.serving_handles.add(handle)
                 if handle in by_handle and not reference.startswith("^"):
+                    self._traced_calls.add(("", node.name, position))
                     self._trace(node.attr["f"].func.name, position, by_handle[handle], seen)
+        self._check_functions_are_not_shared(candidates.values())
         tables = [t for t in candidates.values() if t.lookups or t.other_uses]
         slugs = [t.slug for t in tables]
         for table in tables:
@@ -174,6 +178,7 @@ class SavedModelSource:
         if (function_name, position, table.key) in seen:
             return
         seen.add((function_name, position, table.key))
+        self._reached_by.setdefault((function_name, position), set()).add(table.key)
         function = self.functions[function_name]
         arg = function.signature.input_arg[position].name
         body = {n.name: n for n in function.node_def}
@@ -184,6 +189,7 @@ class SavedModelSource:
             if node.op in CALL_OPS:
                 for index, reference in enumerate(data):
                     if reference == arg:
+                        self._traced_calls.add((function_name, node.name, index))
                         self._trace(node.attr["f"].func.name, index, table, seen)
             elif node.op == "ResourceGather" and data[0] == arg and node.attr["batch_dims"].i == 0:
                 table.lookups.append((function_name, node.name))
@@ -194,6 +200,30 @@ class SavedModelSource:
         for index, ret in enumerate(function.signature.output_arg):
             if function.ret.get(ret.name) == arg:
                 table.other_uses.append(f"returned as output {index} of {function_name}")
+
+    def _check_functions_are_not_shared(self, tables) -> None:
+        """Functions are rewritten in place: every call to one the trace went through must pass a table
+        where the trace did, or the rewrite would change what the other calls compute."""
+        by_key = {t.key: t for t in tables}
+        traced: dict[tuple[str, str], set[int]] = {}
+        for caller, node, position in self._traced_calls:
+            traced.setdefault((caller, node), set()).add(position)
+        sites = [("", n) for n in self.meta_graph.graph_def.node]
+        sites += [(name, n) for name, f in self.functions.items() for n in f.node_def]
+        calls = [(caller, node) for caller, node in sites if node.op in CALL_OPS and node.name not in self._saver_nodes]
+        wanted: dict[str, set[int]] = {}
+        for caller, node in calls:
+            wanted.setdefault(node.attr["f"].func.name, set()).update(traced.get((caller, node.name), set()))
+        shared = set()
+        for caller, node in calls:
+            callee = node.attr["f"].func.name
+            if wanted[callee] - traced.get((caller, node.name), set()):
+                shared.add(callee)
+        shared.update(f for (f, _), keys in self._reached_by.items() if len(keys) > 1)  # two tables, one argument
+        for (function, _), keys in sorted(self._reached_by.items()):
+            if function in shared:
+                for key in keys:
+                    by_key[key].other_uses.append(f"{function} also runs on other variables than this table")
 
     def _trace_read(self, function: function_pb2.FunctionDef, body: dict, read: node_def_pb2.NodeDef,
                     table: Table) -> None:
