@@ -1,6 +1,7 @@
 """A recommender whose user table is larger than one server should hold, split, served, and checked.
 
     .venv/bin/python benchmarks/scale.py --rows 33554432 --dim 64 --shards 4   # an 8 GiB table
+    .venv/bin/python benchmarks/scale.py ... --from_saved_model   # split the SavedModel export instead
 
 Builds a .keras model (user table rows x dim float32, a small item table, a dense tower) without ever
 holding the big table in memory, splits it with `remote-predict split` (div partitioning: each shard
@@ -135,6 +136,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="latency samples per model")
     parser.add_argument("--batch", type=int, default=16, help="rows per request")
     parser.add_argument("--workdir", default=None, help="where files go (default: a temporary directory)")
+    parser.add_argument("--from_saved_model", action="store_true",
+                        help="split the model's SavedModel export (graph rewrite) instead of the .keras file")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="remote-predict-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -147,17 +150,18 @@ def main() -> int:
     print(f"wrote {model} ({os.path.getsize(model) / (1 << 30):.2f} GiB) in {time.monotonic() - started:.0f}s",
           flush=True)
     ports = [free_port() for _ in range(args.shards)]
-    split_seconds, split_peak = run_measured([
-        sys.executable, "-m", "remote_predict", "split", str(model), f"--output_dir={work / 'split'}",
-        f"--shards={args.shards}", "--partition=div", "--tables=user_table",
-        "--shard_addresses=" + ";".join(f"127.0.0.1:{p}" for p in ports)])
-    print(f"split in {split_seconds:.0f}s, splitter peak RSS {split_peak:.0f} MB", flush=True)
     unsplit_seconds, unsplit_peak = run_measured([
         sys.executable, "-c", "import sys\nfrom remote_predict.split import models, writers\n"
         "from remote_predict.split.keras_archive import KerasArchive\n"
         "with KerasArchive(sys.argv[1]) as archive:\n"
         "    writers.write_keras(sys.argv[2], models.unsplit_model(archive))", str(model), str(work / "unsplit" / "1")])
     print(f"unsplit export in {unsplit_seconds:.0f}s, peak RSS {unsplit_peak:.0f} MB", flush=True)
+    source = work / "unsplit" if args.from_saved_model else model
+    split_seconds, split_peak = run_measured([
+        sys.executable, "-m", "remote_predict", "split", str(source), f"--output_dir={work / 'split'}",
+        f"--shards={args.shards}", "--partition=div", "--tables=user_table", "--name=recommender",
+        "--shard_addresses=" + ";".join(f"127.0.0.1:{p}" for p in ports)])
+    print(f"split {source} in {split_seconds:.0f}s, splitter peak RSS {split_peak:.0f} MB", flush=True)
 
     # Shards and master first, then the unsplit model alone: both at once would need the table twice.
     config = work / "split" / "config"

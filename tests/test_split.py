@@ -110,18 +110,20 @@ def exported(keras_file: str, base_path, version: int = 1) -> str:
     return str(base_path)
 
 
-@pytest.mark.parametrize(("strategy", "shards"), [("mod", 2), ("div", 3)])
-def test_split_a_saved_model_export_bit_for_bit(tmp_path, strategy, shards):
+@pytest.mark.parametrize(("strategy", "shards", "tables"), [("mod", 2, "--threshold_mib=0"),
+                                                             ("div", 3, "--tables=user_table")])
+def test_split_a_saved_model_export_bit_for_bit(tmp_path, strategy, shards, tables):
     """A Keras export has no layer config: split rewrites its graph, and answers exactly as the export does."""
     model = exported(recommender(tmp_path / "rec.keras"), tmp_path / "rec")
-    split = Split(model, tmp_path / "out", shards, f"--partition={strategy}", "--threshold_mib=0")
+    split = Split(model, tmp_path / "out", shards, f"--partition={strategy}", tables)
     try:
         shard_config = (tmp_path / "out" / "config" / "shard_0.config").read_text()
-        assert "rec_user_table_shard_0" in shard_config and "rec_item_table_shard_0" in shard_config
+        both = tables == "--threshold_mib=0"
+        assert "rec_user_table_shard_0" in shard_config and ("rec_item_table_shard_0" in shard_config) == both
         assert "tower" not in shard_config, "a Dense kernel is not a table, whatever its size"
         master = Bundle(str(tmp_path / "out" / "master" / "1" / "variables" / "variables"))
         emptied = sorted(master.shape(key) for key in master.entries if master.shape(key)[:1] == (0,))
-        assert emptied == [(0, 8), (0, 8)], "the master's checkpoint holds no rows of the tables it shards"
+        assert emptied == [(0, 8)] * (2 if both else 1), "the master's checkpoint holds no rows of sharded tables"
         rng = np.random.default_rng(shards)
         for batch in (1, 9, 64):
             got, expected = split.answers(random_ids(rng, batch))

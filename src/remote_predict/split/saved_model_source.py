@@ -50,6 +50,7 @@ class Table:
 
 def find_saved_model(path: str) -> str:
     """`path` itself, or its highest integer version directory (a TF Serving base path)."""
+    path = os.path.normpath(path)
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
     versions = [int(v) for v in os.listdir(path) if v.isdigit()] if os.path.isdir(path) else []
@@ -78,6 +79,12 @@ def _const_int(node: node_def_pb2.NodeDef | None) -> int | None:
     return int(value) if value.size == 1 else None
 
 
+def _batch_dims(node: node_def_pb2.NodeDef) -> int:
+    # Not `node.attr["batch_dims"]`: reading a missing key of a proto map inserts an empty value,
+    # which TensorFlow then refuses to import ("Failed to bind all placeholders").
+    return node.attr["batch_dims"].i if "batch_dims" in node.attr else 0
+
+
 class SavedModelSource:
     """An exported SavedModel, read for splitting: its tables, their rows, and a master rewrite."""
 
@@ -94,7 +101,7 @@ class SavedModelSource:
         self.functions = {f.signature.name: f for f in self.meta_graph.graph_def.library.function}
         self.nodes = {n.name: n for n in self.meta_graph.graph_def.node}
         self.name = os.path.basename(os.path.dirname(self.path) if os.path.basename(self.path).isdigit()
-                                     else self.path.rstrip("/"))
+                                     else self.path)
         self._saver_nodes = {_source(self.meta_graph.saver_def.restore_op_name),
                              _source(self.meta_graph.saver_def.save_tensor_name)}
         self.key_of_handle = self._restored_handles()
@@ -191,7 +198,7 @@ class SavedModelSource:
                     if reference == arg:
                         self._traced_calls.add((function_name, node.name, index))
                         self._trace(node.attr["f"].func.name, index, table, seen)
-            elif node.op == "ResourceGather" and data[0] == arg and node.attr["batch_dims"].i == 0:
+            elif node.op == "ResourceGather" and data[0] == arg and _batch_dims(node) == 0:
                 table.lookups.append((function_name, node.name))
             elif node.op == "ReadVariableOp":
                 self._trace_read(function, body, node, table)
@@ -233,7 +240,7 @@ class SavedModelSource:
             if value not in data:
                 continue
             is_gather = (node.op == "GatherV2" and data[0] == value and value not in data[1:]
-                         and _const_int(body.get(_source(data[2]))) == 0 and node.attr["batch_dims"].i == 0)
+                         and _const_int(body.get(_source(data[2]))) == 0 and _batch_dims(node) == 0)
             if is_gather:
                 table.lookups.append((function.signature.name, node.name))
             else:
@@ -251,7 +258,9 @@ class SavedModelSource:
     def write_master(self, path: str, plans: Sequence, version: int, deadline_ms: int) -> None:
         """This SavedModel with every planned table's gathers replaced by calls to its shards."""
         by_slug = {t.slug: t for t in self.tables}
-        saved_model = copy.deepcopy(self.saved_model)
+        saved_model = saved_model_pb2.SavedModel()  # from the file: the analysis must not leak into the master
+        with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
+            saved_model.ParseFromString(f.read())
         meta_graph = saved_model.meta_graphs[list(self.saved_model.meta_graphs).index(self.meta_graph)]
         library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
         emptied: set[str] = set()
