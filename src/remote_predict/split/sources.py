@@ -19,7 +19,7 @@ from remote_predict.split.saved_model_source import SavedModelSource
 class ModelSource(Protocol):
     name: str
 
-    def tables(self) -> dict: ...  # name -> rows (h5py dataset or memory map: shape, dtype, nbytes, slicing)
+    def tables(self) -> dict: ...  # name -> rows (h5py dataset or StoredRows: shape, dtype, nbytes, slicing)
 
     def resolve(self, name: str) -> str: ...  # the key in tables() a user's name means; ValueError says why not
 
