@@ -145,6 +145,19 @@ def test_split_a_saved_model_export_bit_for_bit(tmp_path, strategy, shards, tabl
         split.stop()
 
 
+def saved(module: tf.Module, signature, base_path) -> str:
+    """A module saved as version 1 under a TF Serving base path, with `signature` as serving_default."""
+    tf.saved_model.save(module, str(base_path / "1"), signatures={"serving_default": signature})
+    return str(base_path)
+
+
+def nothing_sharded(model: str, tmp_path, capsys) -> str:
+    """Split with every table eligible, when none may be sharded: what the splitter said."""
+    with pytest.raises(SystemExit, match="no Embedding table is larger than 0 MiB"):
+        split_cli.main([model, f"--output_dir={tmp_path / 'auto'}", "--threshold_mib=0"])
+    return capsys.readouterr().err
+
+
 class Ranker(tf.Module):
     """Not Keras: a module whose tables are gathered with tf.nn.embedding_lookup (ResourceGather ops)."""
 
@@ -164,8 +177,8 @@ class Ranker(tf.Module):
 
 def test_split_a_saved_model_that_is_not_keras(tmp_path):
     ranker = Ranker()
-    tf.saved_model.save(ranker, str(tmp_path / "ranker" / "1"), signatures={"serving_default": ranker.score})
-    split = Split(str(tmp_path / "ranker"), tmp_path / "out", 2, "--tables=words", name="ranker")
+    split = Split(saved(ranker, ranker.score, tmp_path / "ranker"), tmp_path / "out", 2, "--tables=words",
+                  name="ranker")
     try:
         rng = np.random.default_rng(0)
         for batch in (1, 5):
@@ -219,12 +232,11 @@ class TiedLanguageModel(tf.Module):
 
 def test_a_table_also_used_otherwise_is_not_sharded(tmp_path, capsys):
     lm = TiedLanguageModel()
-    tf.saved_model.save(lm, str(tmp_path / "lm" / "1"), signatures={"serving_default": lm.next_token_logits})
-    with pytest.raises(SystemExit, match="no Embedding table is larger than 0 MiB"):
-        split_cli.main([str(tmp_path / "lm"), f"--output_dir={tmp_path / 'a'}", "--threshold_mib=0"])
-    assert "not sharding words (0.0 MiB): the graph also uses it otherwise (MatMul" in capsys.readouterr().err
+    model = saved(lm, lm.next_token_logits, tmp_path / "lm")
+    said = nothing_sharded(model, tmp_path, capsys)
+    assert "not sharding words (0.0 MiB): the graph also uses it otherwise (MatMul" in said
     with pytest.raises(SystemExit, match="'words' is used other than by gathering rows"):
-        split_cli.main([str(tmp_path / "lm"), f"--output_dir={tmp_path / 'b'}", "--tables=words"])
+        split_cli.main([model, f"--output_dir={tmp_path / 'b'}", "--tables=words"])
 
 
 class SharedLookup(tf.Module):
@@ -247,10 +259,8 @@ class SharedLookup(tf.Module):
 
 def test_a_function_shared_by_two_variables_is_not_rewritten(tmp_path, capsys):
     model = SharedLookup()
-    tf.saved_model.save(model, str(tmp_path / "m" / "1"), signatures={"serving_default": model.score})
-    with pytest.raises(SystemExit, match="no Embedding table is larger than 0 MiB"):
-        split_cli.main([str(tmp_path / "m"), f"--output_dir={tmp_path / 'a'}", "--threshold_mib=0"])
-    assert "also runs on other variables than this table" in capsys.readouterr().err
+    said = nothing_sharded(saved(model, model.score, tmp_path / "m"), tmp_path, capsys)
+    assert "also runs on other variables than this table" in said
 
 
 def test_saved_model_refusals(tmp_path):

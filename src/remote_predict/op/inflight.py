@@ -17,11 +17,10 @@ _log = logging.getLogger(__name__)
 
 
 class _Call:
-    __slots__ = ("cancel", "deadline", "shed", "start", "target")
+    __slots__ = ("cancel", "deadline", "shed", "start")
 
-    def __init__(self, target: str, deadline: float):
+    def __init__(self, deadline: float):
         self.start = time.monotonic()
-        self.target = target
         self.deadline = deadline
         self.cancel: Callable[[], object] | None = None
         self.shed = False
@@ -72,7 +71,7 @@ class _Targets:
             if self.limit and len(state.calls) >= self.limit:
                 return None, Code.RESOURCE_EXHAUSTED, (f"{self.limit} calls to this target are already in flight "
                                                        "(--remote_predict_max_inflight_per_target)")
-            call = _Call(target, deadline)
+            call = _Call(deadline)
             state.calls[id(call)] = call
             if probe:
                 state.probe = call
@@ -145,6 +144,7 @@ class _Targets:
         """For stubs: whether the call this thread is making was shed (else a cancellation hit another)."""
         call = getattr(self._local, "call", None)
         return call is not None and call.shed
+
 
 targets = _Targets()
 register_cancel = targets.on_cancel

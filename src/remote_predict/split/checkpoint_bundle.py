@@ -117,9 +117,6 @@ class StoredRows:
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         self.nbytes = shape[0] * self.row_bytes if shape else dtype.itemsize
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __getitem__(self, rows: slice) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("stored rows are read by contiguous slices only")

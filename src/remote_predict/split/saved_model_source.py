@@ -105,6 +105,7 @@ class SavedModelSource:
         self._saver_nodes = {_source(self.meta_graph.saver_def.restore_op_name),
                              _source(self.meta_graph.saver_def.save_tensor_name)}
         self.key_of_handle = self._restored_handles()
+        self.object_graph = self._object_graph()
         self.serving_handles: set[str] = set()
         self.tables = self._find_tables()
 
@@ -137,19 +138,18 @@ class SavedModelSource:
                 value = body.get(_source(source))
         return handles
 
-    def _variable_names(self) -> dict[str, str]:
-        """Checkpoint key -> variable name, from the checkpoint's object graph."""
-        names: dict[str, str] = {}
+    def _object_graph(self) -> trackable_object_graph_pb2.TrackableObjectGraph:
+        """The checkpoint's object graph: its node ids are those of the SavedModel's object graph."""
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
         if OBJECT_GRAPH_KEY in self.bundle.entries:
-            graph = trackable_object_graph_pb2.TrackableObjectGraph()
             graph.ParseFromString(self.bundle.read(OBJECT_GRAPH_KEY).numpy())
-            for node in graph.nodes:
-                for attribute in node.attributes:
-                    names.setdefault(attribute.checkpoint_key, attribute.full_name)
-        return names
+        return graph
 
     def _find_tables(self) -> list[Table]:
-        names = self._variable_names()
+        names: dict[str, str] = {}  # checkpoint key -> variable name
+        for node in self.object_graph.nodes:
+            for attribute in node.attributes:
+                names.setdefault(attribute.checkpoint_key, attribute.full_name)
         candidates: dict[str, Table] = {}
         for handle, key in self.key_of_handle.items():
             entry = self.bundle.entries.get(key)
@@ -295,16 +295,9 @@ class SavedModelSource:
         return int(np.prod(self.bundle.shape(key), dtype=np.int64)) * self.bundle.dtype(key).size
 
     def _variable_node_keys(self) -> dict[int, str]:
-        """SavedObjectGraph node id -> checkpoint key (the object graphs of model and checkpoint agree)."""
-        keys: dict[int, str] = {}
-        if OBJECT_GRAPH_KEY in self.bundle.entries:
-            graph = trackable_object_graph_pb2.TrackableObjectGraph()
-            graph.ParseFromString(self.bundle.read(OBJECT_GRAPH_KEY).numpy())
-            for node_id, node in enumerate(graph.nodes):
-                for attribute in node.attributes:
-                    if attribute.name == "VARIABLE_VALUE":
-                        keys[node_id] = attribute.checkpoint_key
-        return keys
+        """SavedObjectGraph node id -> checkpoint key of the variable's value."""
+        return {node_id: attribute.checkpoint_key for node_id, node in enumerate(self.object_graph.nodes)
+                for attribute in node.attributes if attribute.name == "VARIABLE_VALUE"}
 
     def _write_checkpoint(self, prefix: str, emptied: set[str]) -> None:
         names, tensors = [], []
