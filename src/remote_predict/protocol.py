@@ -8,3 +8,6 @@ TENSOR_CONTENT_METADATA = ((TENSOR_ENCODING_KEY, TENSOR_CONTENT),)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+# W3C trace context (https://www.w3.org/TR/trace-context/): carried from a request to its RemotePredict calls.
+TRACE_HEADERS = ("traceparent", "tracestate")

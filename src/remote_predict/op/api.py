@@ -13,19 +13,20 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from remote_predict.op import failure_log, pyfunc_registry  # noqa: F401  (failure_log: rate-limited logging)
-from remote_predict.op.config import DEFAULT_DEADLINE_MILLIS, DEFAULT_SIGNATURE, TOKEN_PREFIX, OpConfig
+from remote_predict.op import pyfunc_registry, tokens
+from remote_predict.op.config import DEFAULT_DEADLINE_MILLIS, DEFAULT_SIGNATURE, OpConfig
 from remote_predict.op.kernel import RemotePredictKernel
 
 RemotePredictResult = namedtuple("RemotePredictResult", ["status_code", "status_error_message", "output_tensors"])
 
 
 def _resolve(token: str):
-    kernel = RemotePredictKernel(OpConfig.from_token(token))
+    _, runtime_id, _ = tokens.split(token)
+    kernel = RemotePredictKernel(OpConfig.from_token(token), runtime_id)
     return kernel, [tf.as_dtype(t) for t in kernel.output_dtypes]
 
 
-pyfunc_registry.register_resolver(TOKEN_PREFIX, _resolve)
+pyfunc_registry.register_resolver(tokens.REMOTE_PREDICT, _resolve)
 
 
 def _aliases_tensor(aliases, what: str) -> tf.Tensor:

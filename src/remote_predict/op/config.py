@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 
 from tensorflow.core.framework import types_pb2
 
-TOKEN_PREFIX = "remote_predict.v1:"
+from remote_predict.op import tokens
+
+TOKEN_PREFIX = tokens.REMOTE_PREDICT + ":"
 DEFAULT_DEADLINE_MILLIS = 3000  # as TF Serving's Python wrappers
 DEFAULT_SIGNATURE = "serving_default"
-_MAX_TOKEN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,16 @@ class OpConfig:
             raise ValueError(f"output_types must be a list of TensorFlow dtypes, got {self.output_types!r}")
 
     def to_token(self) -> str:
-        return TOKEN_PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return tokens.make(tokens.REMOTE_PREDICT, json.dumps(asdict(self), sort_keys=True, separators=(",", ":")))
 
     @classmethod
     def from_token(cls, token: str) -> OpConfig:
-        """Parse a token; raises ValueError for anything that is not exactly our schema."""
-        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+        """Parse a token (bound or not); raises ValueError for anything that is not exactly our schema."""
+        kind, _, payload = tokens.split(token)
+        if kind != tokens.REMOTE_PREDICT:
             raise ValueError("not a RemotePredict token")
-        if len(token) > _MAX_TOKEN_BYTES:
-            raise ValueError("RemotePredict token is too long")
         try:
-            fields = json.loads(token[len(TOKEN_PREFIX):])
+            fields = json.loads(payload)
         except json.JSONDecodeError as e:
             raise ValueError(f"malformed RemotePredict token: {e}") from None
         expected = set(cls.__dataclass_fields__)
@@ -71,7 +71,3 @@ class OpConfig:
             raise ValueError("malformed RemotePredict token: output_types must be a list")
         fields["output_types"] = tuple(fields["output_types"])
         return cls(**fields)
-
-
-def is_token(token: str) -> bool:
-    return isinstance(token, str) and token.startswith(TOKEN_PREFIX)

@@ -1,7 +1,7 @@
 """Logs failed RemotePredict calls once per kind of failure, not once per request.
 
-One per process (installed by the op's API module): under a failing target every request fails the
-same way, and one line every ten seconds, with a count, says as much as a line per request.
+One per op runtime (it installs one): under a failing target every request fails the same way, and one
+line every ten seconds, with a count, says as much as a line per request.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import threading
 import time
 
 from remote_predict.errors import Code
-from remote_predict.op.kernel import CallRecord, add_observer
 
 log = logging.getLogger("remote_predict.remote_calls")
 
@@ -24,7 +23,7 @@ class FailureLog:
         self._lock = threading.Lock()
         self._last: dict[tuple[str, str, Code], tuple[float, int]] = {}
 
-    def __call__(self, record: CallRecord) -> None:
+    def __call__(self, record) -> None:  # a runtime.CallRecord
         if record.code is Code.OK:
             return
         key = (record.target, record.model_name, record.code)
@@ -38,5 +37,3 @@ class FailureLog:
         more = f" ({suppressed} more like it in the last {now - last:.0f}s)" if suppressed else ""
         log.warning("%s (%s)%s", record.message, record.code.name, more)  # the message names target and model
 
-
-add_observer(FailureLog())

@@ -9,11 +9,13 @@ outputs and attributes. Both ops have the same input order and output indices
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from tensorflow.core.framework import attr_value_pb2, function_pb2, node_def_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from remote_predict.op.config import OpConfig, is_token
+from remote_predict.op import tokens
+from remote_predict.op.config import OpConfig
 
 TFS_OP = "TfServingRemotePredict"
 PY_FUNC_OP = "EagerPyFunc"
@@ -76,36 +78,69 @@ def _rewrite_function_refs(function: function_pb2.FunctionDef, names: set[str]) 
         function.ret[key] = fix(ref)
 
 
-def _is_ours(node: node_def_pb2.NodeDef) -> bool:
-    return node.op == PY_FUNC_OP and "token" in node.attr and is_token(node.attr["token"].s.decode("utf-8", "replace"))
+def _token(node: node_def_pb2.NodeDef) -> str | None:
+    if node.op != PY_FUNC_OP or "token" not in node.attr:
+        return None
+    token = node.attr["token"].s.decode("utf-8", "replace")
+    return token if tokens.is_ours(token) else None
 
 
-def _scan(nodes: Iterable[node_def_pb2.NodeDef]) -> tuple[list[node_def_pb2.NodeDef], int]:
-    tfs, ours = [], 0
+@dataclass
+class RemoteOps:
+    """What a graph holds of ours: RemotePredict ops, and sharded-table lookups (each a whole fan-out)."""
+
+    calls: int = 0
+    lookups: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.calls + self.lookups
+
+
+def _scan(nodes: Iterable[node_def_pb2.NodeDef], found: RemoteOps, runtime_id: int | None
+          ) -> list[node_def_pb2.NodeDef]:
+    """TF Serving's nodes to translate; counts ours into `found` and binds them to `runtime_id`."""
+    tfs = []
     for node in nodes:
         if node.op == TFS_OP:
             tfs.append(node)
-        elif _is_ours(node):
-            ours += 1
-    return tfs, ours
+            continue
+        token = _token(node)
+        if token is None:
+            continue
+        if tokens.split(token)[0] == tokens.LOOKUP:
+            found.lookups += 1
+        else:
+            found.calls += 1
+        if runtime_id is not None:
+            node.attr["token"].s = tokens.bind(token, runtime_id).encode("utf-8")
+    return tfs
 
 
-def prepare_meta_graph(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
-    """Translate TF Serving's nodes in place; returns how many RemotePredict ops the graph holds."""
+def prepare_meta_graph(meta_graph: meta_graph_pb2.MetaGraphDef, runtime_id: int | None = None) -> RemoteOps:
+    """Translate TF Serving's nodes and bind ours to `runtime_id`, in place; returns what the graph holds."""
+    found = RemoteOps()
     graph = meta_graph.graph_def
-    tfs_nodes, count = _scan(graph.node)
+    tfs_nodes = _scan(graph.node, found, runtime_id)
     for node in tfs_nodes:
         translate_node(node)
-    count += len(tfs_nodes)
+        _bind(node, runtime_id)
+    found.calls += len(tfs_nodes)
     for function in graph.library.function:
-        nodes, ours = _scan(function.node_def)
+        nodes = _scan(function.node_def, found, runtime_id)
         for node in nodes:
             translate_node(node)
+            _bind(node, runtime_id)
         if nodes:
             _rewrite_function_refs(function, {n.name for n in nodes})
-        count += ours + len(nodes)
+        found.calls += len(nodes)
     if tfs_nodes or any(op.name == TFS_OP for op in meta_graph.meta_info_def.stripped_op_list.op):
         ops = [op for op in meta_graph.meta_info_def.stripped_op_list.op if op.name != TFS_OP]
         del meta_graph.meta_info_def.stripped_op_list.op[:]
         meta_graph.meta_info_def.stripped_op_list.op.extend(ops)
-    return count
+    return found
+
+
+def _bind(node: node_def_pb2.NodeDef, runtime_id: int | None) -> None:
+    if runtime_id is not None:
+        node.attr["token"].s = tokens.bind(node.attr["token"].s.decode("utf-8"), runtime_id).encode("utf-8")

@@ -7,9 +7,9 @@ output_tensor_aliases]`, outputs are `[status_code, status_error_message, *outpu
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 from tensorflow.core.framework import types_pb2
@@ -17,50 +17,11 @@ from tensorflow_serving.apis import predict_pb2
 
 from remote_predict import tensor_codec
 from remote_predict.errors import Code, ServingError
+from remote_predict.op import addresses, request_context
 from remote_predict.op.config import OpConfig
 from remote_predict.op.errors import RemotePredictError
-from remote_predict.op.inflight import targets as _targets
-from remote_predict.op.stubs import StubError, stub_for
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """One finished remote call, as observers (metrics, logs) see it."""
-
-    target: str
-    model_name: str
-    code: Code
-    message: str
-    seconds: float
-
-
-Observer = Callable[[CallRecord], None]
-_observers: list[Observer] = []
-_inflight_observers: list[Callable[[str, int], None]] = []
-
-
-def add_observer(observer: Observer) -> None:
-    _observers.append(observer)
-
-
-def add_inflight_observer(observer: Callable[[str, int], None]) -> None:
-    """`observer(target, delta)` is told +1 when a call starts and -1 when it ends."""
-    _inflight_observers.append(observer)
-
-
-def remove_observer(observer: Observer) -> None:
-    if observer in _observers:
-        _observers.remove(observer)
-
-
-def remove_inflight_observer(observer: Callable[[str, int], None]) -> None:
-    if observer in _inflight_observers:
-        _inflight_observers.remove(observer)
-
-
-def _notify_inflight(target: str, delta: int) -> None:
-    for observer in _inflight_observers:
-        observer(target, delta)
+from remote_predict.op.runtime import CallRecord, OpRuntime, runtime_for
+from remote_predict.op.stubs import StubError
 
 
 def build_request(config: OpConfig, output_aliases: Sequence[str]) -> predict_pb2.PredictRequest:
@@ -84,8 +45,9 @@ def _named_inputs(input_aliases: Sequence[str], inputs: Sequence[np.ndarray]) ->
     return named
 
 
-def _call_stub(stub, request: predict_pb2.PredictRequest, inputs: dict[str, np.ndarray],
-               timeout: float) -> dict[str, np.ndarray]:
+def call_stub(stub, request: predict_pb2.PredictRequest, inputs: dict[str, np.ndarray],
+              timeout: float) -> dict[str, np.ndarray]:
+    """Outputs of one Predict through `stub`; `predict_arrays` where the stub has it (no proto copies)."""
     fast = getattr(stub, "predict_arrays", None)
     if fast is not None:
         return fast(request, inputs, timeout)[1]
@@ -115,19 +77,33 @@ def _check_outputs(
     return checked
 
 
+@functools.lru_cache(maxsize=4096)
+def watched_by_breaker(target: str) -> bool:
+    """Targets whose replicas are watched elsewhere (tcp endpoints, gRPC's keepalive) skip the breaker's
+    stall rule: it sheds every call of a target, which would fail a healthy replica's calls too."""
+    parsed = addresses.parse(target)
+    return parsed.kind != addresses.TCP and not (parsed.kind == addresses.GRPC and parsed.is_multi)
+
+
 def call_remote(
-    config: OpConfig, input_aliases: Sequence[str], inputs: Sequence[np.ndarray], output_aliases: Sequence[str]
+    config: OpConfig, input_aliases: Sequence[str], inputs: Sequence[np.ndarray], output_aliases: Sequence[str],
+    runtime: OpRuntime | None = None,
 ) -> tuple[Code, str, list[np.ndarray]]:
     """Run one remote Predict; returns (code, message, outputs) and never raises for call failures."""
+    runtime = runtime or runtime_for(None)
     start = time.perf_counter()
     target = config.target_address
-    deadline = config.max_rpc_deadline_millis / 1000
-    call, code, message = _targets.begin(target, deadline)
+    timeout = request_context.call_timeout(config.max_rpc_deadline_millis / 1000)
+    if timeout <= 0:
+        message = describe_failure(config, "the request's own deadline has passed; not calling")
+        runtime.report(CallRecord(target, config.model_name, Code.DEADLINE_EXCEEDED, message, 0.0))
+        return Code.DEADLINE_EXCEEDED, message, []
+    call, code, message = runtime.breaker.begin(target, timeout, watched=watched_by_breaker(target))
     if call is None:
         message = describe_failure(config, message)
-        _report(CallRecord(target, config.model_name, code, message, 0.0))
+        runtime.report(CallRecord(target, config.model_name, code, message, 0.0))
         return code, message, []
-    _notify_inflight(target, +1)
+    runtime.inflight(target, +1)
     code = Code.UNKNOWN
     try:
         if len(input_aliases) != len(inputs):
@@ -143,27 +119,22 @@ def call_remote(
                 f"'output_types': {len(config.output_types)}, length of 'output_tensor_aliases': "
                 f"{len(output_aliases)}",
             )
-        stub = stub_for(target)
+        stub = runtime.stub_for(target)
         request = build_request(config, output_aliases)
-        answer = _call_stub(stub, request, _named_inputs(input_aliases, inputs), deadline)
+        answer = call_stub(stub, request, _named_inputs(input_aliases, inputs), timeout)
         outputs = _check_outputs(config, answer, output_aliases)
         code, message = Code.OK, ""
     except (StubError, ServingError) as e:
         code, message, outputs = e.code, describe_failure(config, e.message), []
     finally:
-        _notify_inflight(target, -1)
-        _targets.end(target, call, code)
+        runtime.inflight(target, -1)
+        runtime.breaker.end(target, call, code)
     if call.shed and code != Code.OK:
         code, message = Code.UNAVAILABLE, describe_failure(
             config, "cancelled: another call to the target has waited a quarter of its deadline; "
             "failing fast until it answers again")
-    _report(CallRecord(target, config.model_name, code, message, time.perf_counter() - start))
+    runtime.report(CallRecord(target, config.model_name, code, message, time.perf_counter() - start))
     return code, message, outputs
-
-
-def _report(record: CallRecord) -> None:
-    for observer in _observers:
-        observer(record)
 
 
 def describe_failure(config: OpConfig, message: str) -> str:
@@ -183,18 +154,24 @@ def _aliases(tensor) -> list[str]:
 
 
 class RemotePredictKernel:
-    """The Python body of one kind of RemotePredict node (one per distinct configuration)."""
+    """The Python body of one kind of RemotePredict node (one per distinct configuration and runtime)."""
 
-    def __init__(self, config: OpConfig):
+    def __init__(self, config: OpConfig, runtime_id: int | None = None):
         self.config = config
+        self.runtime_id = runtime_id
         self.output_dtypes = [types_pb2.DT_INT32, types_pb2.DT_STRING, *config.output_types]
 
     def __call__(self, input_aliases, *rest):
         *inputs, output_aliases = rest
-        # `_numpy()` is a read-only view of the tensor's buffer; `numpy()` would copy it.
-        code, message, outputs = call_remote(
-            self.config, _aliases(input_aliases), [t._numpy() for t in inputs], _aliases(output_aliases)
-        )
+        try:
+            runtime = runtime_for(self.runtime_id)
+        except ServingError as e:
+            code, message, outputs = e.code, describe_failure(self.config, e.message), []
+        else:
+            # `_numpy()` is a read-only view of the tensor's buffer; `numpy()` would copy it.
+            code, message, outputs = call_remote(
+                self.config, _aliases(input_aliases), [t._numpy() for t in inputs], _aliases(output_aliases),
+                runtime)
         if code == Code.OK:
             return [_OK, _NO_MESSAGE, *outputs]
         if self.config.fail_op_on_rpc_error:

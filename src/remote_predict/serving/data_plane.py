@@ -23,7 +23,9 @@ from tensorflow_serving.apis import status_pb2 as serving_status_pb2
 
 from remote_predict import tensor_codec
 from remote_predict.errors import ServingError, invalid_argument
+from remote_predict.op import request_context
 from remote_predict.serving import inference
+from remote_predict.serving import servable as servable_lib
 from remote_predict.serving.manager import ModelManager, ServableHandle
 from remote_predict.serving.request_checks import check_predict_request
 from remote_predict.serving.servable import Signature
@@ -69,25 +71,31 @@ class DataPlane:
 
     def run_predict(
         self, handle: ServableHandle, signature: Signature, inputs: Mapping[str, np.ndarray],
-        output_filter: Sequence[str] = (), timeout_ms: int = 0,
+        output_filter: Sequence[str] = (), deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
+        """Check and run one Predict. `deadline` (time.monotonic(), or None) bounds its queueing and its
+        Session run, whichever front-end it came from, and the RemotePredict calls it makes."""
         aliases = check_predict_request(signature, inputs, output_filter)
-        if self.batcher is not None:
-            return self.batcher.run(handle.servable, signature, inputs, aliases)
-        return handle.servable.run(signature, inputs, aliases, timeout_ms)
+        timeout_ms = servable_lib.run_timeout_ms(deadline)
+        with request_context.scope(deadline):
+            if self.batcher is not None:
+                return self.batcher.run(handle.servable, signature, inputs, aliases)
+            return handle.servable.run(signature, inputs, aliases, timeout_ms)
 
     def predict_arrays(
-        self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray], timeout_ms: int = 0
+        self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]:
-        """Predict on decoded inputs (`request` supplies model_spec and output_filter)."""
-        with self.acquire(request.model_spec) as handle:
+        """Predict on decoded inputs (`request` supplies model_spec and output_filter); `metadata` is the
+        request's trace context, which RemotePredict calls carry on."""
+        with request_context.scope(deadline, metadata), self.acquire(request.model_spec) as handle:
             signature = handle.servable.signature(request.model_spec.signature_name)
-            outputs = self.run_predict(handle, signature, inputs, request.output_filter, timeout_ms)
+            outputs = self.run_predict(handle, signature, inputs, request.output_filter, deadline)
             return _model_spec(handle.name, handle.version, signature.key), outputs
 
     def predict(self, request: predict_pb2.PredictRequest, tensor_content: bool = False,
-                timeout_ms: int = 0) -> predict_pb2.PredictResponse:
-        spec, outputs = self.predict_arrays(request, self.decode_inputs(request.inputs), timeout_ms)
+                deadline: float | None = None) -> predict_pb2.PredictResponse:
+        spec, outputs = self.predict_arrays(request, self.decode_inputs(request.inputs), deadline)
         response = predict_pb2.PredictResponse(model_spec=spec)
         for alias, array in outputs.items():
             response.outputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))

@@ -61,6 +61,9 @@ class ServerOptions:
     remote_predict_plugins: str = ""
     remote_predict_loopback_in_process: bool = True
     remote_predict_max_inflight_per_target: int = 0
+    remote_predict_channel_arguments: str = ""
+    remote_predict_hedge_after_ms: int = 0
+    tcp_port: int = 0
     drain_timeout_seconds: float = 30.0
     rest_api_max_body_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 31
@@ -110,6 +113,14 @@ _HELP = {
                                           "loopback (localhost:PORT) in-process, without the network",
     "remote_predict_max_inflight_per_target": "(remote-predict) the most RemotePredict calls in flight to one "
                                               "target; past it calls fail at once (0: no limit)",
+    "remote_predict_channel_arguments": "(remote-predict) comma-separated gRPC channel arguments, key=value, for "
+                                        "the RemotePredict ops' channels (over our defaults: keepalive every 1 s, "
+                                        "retries, reconnect backoff up to 1 s)",
+    "remote_predict_hedge_after_ms": "(remote-predict) tcp:// targets with several replicas: a call unanswered "
+                                     "after this long is also sent to another replica, the first answer wins "
+                                     "(0: never)",
+    "tcp_port": "(remote-predict) also serve Predict on this port over remote-predict's framed TCP transport, "
+                "which RemotePredict ops reach as tcp://HOST:PORT (0: off)",
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",
@@ -186,12 +197,16 @@ def validate(options: ServerOptions) -> None:
     if not options.model_config_file and not options.model_base_path:
         raise FlagError("Both server_model_base_path and model_config_file are empty: give --model_base_path "
                         "(with --model_name) or --model_config_file")
-    for name in ("port", "rest_api_port"):
+    for name in ("port", "rest_api_port", "tcp_port"):
         value = getattr(options, name)
         if not 0 <= value <= 65535:
             raise FlagError(f"--{name}={value} is not a TCP port")
     if options.rest_api_port and options.rest_api_port == options.port:
         raise FlagError("--rest_api_port cannot be the same as --port")
+    if options.tcp_port and options.tcp_port in (options.port, options.rest_api_port):
+        raise FlagError("--tcp_port must differ from --port and --rest_api_port")
+    if options.remote_predict_hedge_after_ms < 0:
+        raise FlagError("--remote_predict_hedge_after_ms must be >= 0")
     if options.file_system_poll_wait_seconds < 0:
         raise FlagError("--file_system_poll_wait_seconds must be >= 0 (a negative value would never load a model)")
     if options.model_config_file_poll_wait_seconds < 0:
@@ -209,18 +224,23 @@ def validate(options: ServerOptions) -> None:
         raise FlagError("--remote_predict_max_inflight_per_target must be >= 0")
     if options.drain_timeout_seconds < 0:
         raise FlagError("--drain_timeout_seconds must be >= 0")
-    for argument in filter(None, options.grpc_channel_arguments.split(",")):
-        if "=" not in argument:
-            raise FlagError(f"--grpc_channel_arguments: {argument!r} is not key=value")
+    for name in ("grpc_channel_arguments", "remote_predict_channel_arguments"):
+        for argument in filter(None, getattr(options, name).split(",")):
+            if "=" not in argument:
+                raise FlagError(f"--{name}: {argument!r} is not key=value")
 
 
-def channel_arguments(options: ServerOptions) -> list[tuple[str, object]]:
-    """TF Serving's parsing: integers become int arguments, anything else stays a string."""
+def parse_channel_arguments(text: str) -> list[tuple[str, object]]:
+    """TF Serving's parsing of `key=value,...`: integers become int arguments, anything else stays a string."""
     result: list[tuple[str, object]] = []
-    for argument in filter(None, options.grpc_channel_arguments.split(",")):
+    for argument in filter(None, text.split(",")):
         key, value = argument.split("=", 1)
         try:
             result.append((key.strip(), int(value)))
         except ValueError:
             result.append((key.strip(), value))
     return result
+
+
+def channel_arguments(options: ServerOptions) -> list[tuple[str, object]]:
+    return parse_channel_arguments(options.grpc_channel_arguments)

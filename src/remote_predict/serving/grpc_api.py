@@ -27,7 +27,13 @@ from tensorflow_serving.apis import status_pb2 as serving_status_pb2
 
 from remote_predict import wire
 from remote_predict.errors import Code, ServingError
-from remote_predict.protocol import MODEL_SERVICE, PREDICTION_SERVICE, TENSOR_CONTENT, TENSOR_ENCODING_KEY
+from remote_predict.protocol import (
+    MODEL_SERVICE,
+    PREDICTION_SERVICE,
+    TENSOR_CONTENT,
+    TENSOR_ENCODING_KEY,
+    TRACE_HEADERS,
+)
 from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.metrics import ServerMetrics
 
@@ -76,8 +82,19 @@ class _Servicer:
         return self._serve(api, context, work)
 
 
-def _wants_tensor_content(context: grpc.ServicerContext) -> bool:
-    return any(k == TENSOR_ENCODING_KEY and v == TENSOR_CONTENT for k, v in context.invocation_metadata())
+def _wants_tensor_content(metadata) -> bool:
+    return any(k == TENSOR_ENCODING_KEY and v == TENSOR_CONTENT for k, v in metadata)
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a time.monotonic() value (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def trace_metadata(metadata) -> dict[str, str]:
+    """The W3C trace context headers of a call, to be carried on by the RemotePredict calls it makes."""
+    return {k: v for k, v in metadata if k in TRACE_HEADERS and isinstance(v, str)}
 
 
 class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -88,8 +105,10 @@ class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServic
         def work(call: _Call) -> bytes:
             request, inputs = wire.decode_predict_request(data, dp.max_tensor_elements)
             call.model = request.model_spec.name
-            spec, outputs = dp.predict_arrays(request, inputs)
-            return wire.encode_predict_response(spec, outputs, _wants_tensor_content(context))
+            metadata = context.invocation_metadata()
+            spec, outputs = dp.predict_arrays(request, inputs, deadline=deadline_of(context),
+                                              metadata=trace_metadata(metadata))
+            return wire.encode_predict_response(spec, outputs, _wants_tensor_content(metadata))
 
         return self._serve("predict", context, work)
 

@@ -8,7 +8,7 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from remote_predict.errors import Code, ServingError
-from remote_predict.op import kernel
+from remote_predict.op.runtime import CallRecord, OpRuntime
 from remote_predict.serving.manager import State
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -37,6 +37,16 @@ class ServerMetrics:
         self.op_inflight = Gauge(
             "remote_predict_op_inflight_calls", "RemotePredict calls in flight, by target.", ["target"],
             registry=self.registry)
+        self.endpoint_up = Gauge(
+            "remote_predict_op_endpoint_up", "Replicas of tcp:// targets: 1 in rotation, 0 ejected.",
+            ["target", "endpoint"], registry=self.registry)
+        self.ejections = Counter(
+            "remote_predict_op_ejections", "Replicas taken out of rotation (stopped answering, refused, ...).",
+            ["target", "endpoint"], registry=self.registry)
+        self.op_events = Counter(
+            "remote_predict_op_attempts_extra", "Extra attempts of RemotePredict calls: re-sent after a replica "
+            "failed (resend) or sent to a second replica because the first was slow (hedge).",
+            ["target", "kind"], registry=self.registry)
         self.batch_size = Histogram(
             "remote_predict_batch_size", "Rows in each batch run (with --enable_batching).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry)
@@ -56,12 +66,27 @@ class ServerMetrics:
         if state is State.END and error is not None:
             self.load_failures.labels(model).inc()
 
-    def on_remote_call(self, record: kernel.CallRecord) -> None:
+    def observe_runtime(self, runtime: OpRuntime) -> None:
+        """Count the RemotePredict calls of the models this server loads (bound to `runtime`)."""
+        runtime.observers.calls.append(self.on_remote_call)
+        runtime.observers.inflight.append(self.on_remote_inflight)
+        runtime.observers.endpoints.append(self.on_endpoint)
+        runtime.observers.events.append(self.on_call_event)
+
+    def on_remote_call(self, record: CallRecord) -> None:
         self.op_calls.labels(record.target, record.model_name, record.code.name).inc()
         self.op_latency.labels(record.target).observe(record.seconds)
 
     def on_remote_inflight(self, target: str, delta: int) -> None:
         self.op_inflight.labels(target).inc(delta)
+
+    def on_endpoint(self, target: str, endpoint: str, up: bool, reason: str) -> None:
+        self.endpoint_up.labels(target, endpoint).set(1 if up else 0)
+        if not up:
+            self.ejections.labels(target, endpoint).inc()
+
+    def on_call_event(self, target: str, kind: str) -> None:
+        self.op_events.labels(target, kind).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,8 @@ from tensorflow_serving.apis import (
 
 from remote_predict import json_codec
 from remote_predict.errors import HTTP_STATUS, Code, ServingError, invalid_argument
+from remote_predict.op import request_context
+from remote_predict.protocol import TRACE_HEADERS
 from remote_predict.serving.data_plane import SIGNATURE_DEF_FIELD, DataPlane
 from remote_predict.serving.metrics import ServerMetrics
 
@@ -117,7 +119,10 @@ class RestApi:
                 message = f"Request body is larger than the limit of {self.max_body_bytes} bytes"
                 self.metrics.observe_request(unquote(name), api, "rest", Code.RESOURCE_EXHAUSTED, 0.0)
                 return _json_response(413, json_codec.error_json(message), self.cors)
-            work: Callable[[], str] = lambda: self._post(api, name, version, label, body)  # noqa: E731
+            deadline = time.monotonic() + self.timeout if self.timeout else None
+            trace = {k: request.headers[k] for k in TRACE_HEADERS if k in request.headers}
+            work: Callable[[], str] = lambda: self._post(  # noqa: E731
+                api, name, version, label, body, deadline=deadline, trace=trace)
         else:
             name, version, label, metadata = get.groups()
             api = "metadata" if metadata else "status"
@@ -143,7 +148,13 @@ class RestApi:
             self.metrics.observe_request(model, api, "rest", code, time.perf_counter() - start)
 
     # Runs on the executor.
-    def _post(self, api: str, name: str, version: str | None, label: str | None, body: bytes) -> str:
+    def _post(self, api: str, name: str, version: str | None, label: str | None, body: bytes,
+              deadline: float | None = None, trace: dict[str, str] | None = None) -> str:
+        with request_context.scope(deadline, trace):
+            return self._post_in_scope(api, name, version, label, body, deadline)
+
+    def _post_in_scope(self, api: str, name: str, version: str | None, label: str | None, body: bytes,
+                       deadline: float | None) -> str:
         spec = _model_spec(name, version, label)
         doc = json_codec.parse_body(body)
         spec.signature_name = json_codec.signature_name_of(doc)
@@ -153,7 +164,7 @@ class RestApi:
                 signature = handle.servable.signature(spec.signature_name)
                 fmt, inputs = json_codec.decode_predict_inputs(
                     doc, {alias: info.dtype for alias, info in signature.inputs.items()})
-                outputs = dp.run_predict(handle, signature, inputs)
+                outputs = dp.run_predict(handle, signature, inputs, deadline=deadline)
             return json_codec.encode_predict_response(outputs, fmt)
         examples = json_codec.decode_examples(doc, api)
         if api == "classify":

@@ -9,8 +9,10 @@ differs from the placeholder's static shape (as the C++ server does) and costs a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,24 @@ from remote_predict.op.errors import error_from_tf
 log = logging.getLogger(__name__)
 
 REMOTE_PREDICT_POOL = "remote_predict"
+
+
+_TIMEOUT_STEP = 1.25
+
+
+def run_timeout_ms(deadline: float | None, now: float | None = None) -> int:
+    """A Session run's `timeout_in_ms` for a request due at `deadline` (0: none).
+
+    Rounded up to a step of a geometric series (25 % apart), so that a few callables per signature serve
+    every deadline: a run is cancelled at most a quarter after its request's deadline, never before it.
+    A deadline already passed gives 1 ms (the run fails at once with DEADLINE_EXCEEDED).
+    """
+    if deadline is None:
+        return 0
+    remaining_ms = (deadline - (time.monotonic() if now is None else now)) * 1000
+    if remaining_ms <= 1:
+        return 1
+    return math.ceil(_TIMEOUT_STEP ** math.ceil(math.log(remaining_ms, _TIMEOUT_STEP)))
 
 
 @dataclass(frozen=True)
@@ -52,9 +72,10 @@ class LoadOptions:
     # Threads for models that contain RemotePredict ops: those threads mostly wait on the network.
     remote_predict_threads: int = 64
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests after loading
+    runtime_id: int | None = None  # the OpRuntime this server's RemotePredict ops use (see op/tokens.py)
 
 
-def _tensor_specs(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> dict[str, TensorSpec]:
+def tensor_specs(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> dict[str, TensorSpec]:
     specs = {}
     for alias, info in infos.items():
         shape = None if info.tensor_shape.unknown_rank else tuple(d.size for d in info.tensor_shape.dim)
@@ -77,6 +98,15 @@ def _session_config(options: LoadOptions, has_remote_ops: bool) -> config_pb2.Co
     return config
 
 
+def signature_or_fail(signatures: Mapping[str, Signature], key: str) -> Signature:
+    """The signature `key` names ("" for serving_default), or TF Serving's FAILED_PRECONDITION."""
+    key = key or "serving_default"
+    try:
+        return signatures[key]
+    except KeyError:
+        raise failed_precondition(f'Serving signature key "{key}" not found.') from None
+
+
 class Servable:
     """A loaded version. Thread-safe: any number of requests may `run` concurrently."""
 
@@ -86,8 +116,15 @@ class Servable:
         self.path = path
         loader = loader_impl.SavedModelLoader(path)
         meta_graph = loader.get_meta_graph_def_from_tags(list(options.tags))
-        # Rewrites TF Serving's own TfServingRemotePredict nodes in place (the loader reuses this proto).
-        self.remote_ops = graph_compat.prepare_meta_graph(meta_graph)
+        # Rewrites TF Serving's own TfServingRemotePredict nodes and binds ours to this server's runtime, in
+        # place (the loader reuses this proto).
+        remote = graph_compat.prepare_meta_graph(meta_graph, options.runtime_id)
+        self.remote_ops = remote.total
+        # Remote calls that form one step (one RemotePredict op, or lookups, each a fan-out of its own) run
+        # in the request's thread: two thread hand-offs fewer, and the request's deadline and trace
+        # context reach the calls (op/request_context.py). Several RemotePredict ops run on the pool, so
+        # that they overlap.
+        self.calls_in_request_thread = remote.total > 0 and (remote.calls == 0 or remote.total == 1)
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph, config=_session_config(options, self.remote_ops > 0))
         try:
@@ -98,18 +135,14 @@ class Servable:
             raise
         self.signature_defs = dict(meta_graph.signature_def)
         self.signatures: dict[str, Signature] = {
-            key: Signature(key, sig.method_name, _tensor_specs(sig.inputs), _tensor_specs(sig.outputs))
+            key: Signature(key, sig.method_name, tensor_specs(sig.inputs), tensor_specs(sig.outputs))
             for key, sig in self.signature_defs.items()
         }
         self._callables: dict[tuple, tuple] = {}
         self._callables_lock = threading.Lock()
 
     def signature(self, key: str) -> Signature:
-        key = key or "serving_default"
-        try:
-            return self.signatures[key]
-        except KeyError:
-            raise failed_precondition(f'Serving signature key "{key}" not found.') from None
+        return signature_or_fail(self.signatures, key)
 
     def _callable_for(self, signature: Signature, input_aliases: tuple[str, ...], output_aliases: tuple[str, ...],
                       timeout_ms: int = 0):
@@ -127,9 +160,7 @@ class Servable:
                 fetch_aliases = tuple(a for a in output_aliases if signature.outputs[a].name not in fed)
                 fetches = [signature.outputs[a].name for a in fetch_aliases]
                 options = config_pb2.CallableOptions(feed=feeds, fetch=fetches)
-                if self.remote_ops == 1:
-                    # One remote call has nothing to overlap with: run the graph in the request's thread
-                    # and save two thread hand-offs per request. Several calls run on the pool, in parallel.
+                if self.calls_in_request_thread:
                     options.run_options.inter_op_thread_pool = -1
                 if timeout_ms:
                     options.run_options.timeout_in_ms = timeout_ms

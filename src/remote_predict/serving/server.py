@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import ssl
+import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,17 +16,13 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from remote_predict.errors import Code, ServingError
-from remote_predict.op import inflight, kernel, targets
-from remote_predict.op.stubs import StubError, grpc_stub, reset_stubs
-from remote_predict.op.stubs.inprocess_stub import (
-    register_local_server,
-    set_loopback_shortcut,
-    unregister_local_server,
-)
+from remote_predict.op.runtime import ClientTls, OpRuntime, OpSettings
+from remote_predict.op.stubs import StubError
+from remote_predict.op.stubs.inprocess_stub import register_local_server, unregister_local_server
 from remote_predict.serving import config as config_lib
-from remote_predict.serving import config_protos, grpc_api, rest_api
+from remote_predict.serving import config_protos, grpc_api, rest_api, tcp_api
 from remote_predict.serving.data_plane import DataPlane
-from remote_predict.serving.flags import ServerOptions, channel_arguments
+from remote_predict.serving.flags import ServerOptions, channel_arguments, parse_channel_arguments
 from remote_predict.serving.manager import ManagerOptions, ModelManager
 from remote_predict.serving.metrics import ServerMetrics
 from remote_predict.serving.servable import LoadOptions
@@ -40,21 +40,24 @@ def _configure_tensorflow(options: ServerOptions) -> None:
         pass  # the eager context already exists (several servers in one process); sessions get their own config
 
 
-def _configure_remote_predict(options: ServerOptions) -> None:
-    """The op's settings are per process: where ops may call, how, and with which plug-ins."""
-    targets.set_allowed_targets(options.remote_predict_allowed_targets.split(","))
-    set_loopback_shortcut(options.remote_predict_loopback_in_process)
-    inflight.set_max_inflight_per_target(options.remote_predict_max_inflight_per_target)
-    inflight.targets.clear_stalls()
-    tls = options.remote_predict_client_tls_config_file
-    grpc_stub.set_client_credentials(client_credentials(tls) if tls else None)
-    reset_stubs()  # stubs chosen under the previous settings must not outlive them
+def op_runtime(options: ServerOptions) -> OpRuntime:
+    """This server's RemotePredict settings, in the runtime that the models it loads are bound to."""
     for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
         try:
             importlib.import_module(module)
         except Exception as e:
             raise ServingError(Code.FAILED_PRECONDITION, f"--remote_predict_plugins: cannot import {module}: "
                                f"{type(e).__name__}: {e}") from None
+    tls = options.remote_predict_client_tls_config_file
+    settings = OpSettings(
+        allowed_targets=tuple(options.remote_predict_allowed_targets.split(",")),
+        loopback_in_process=options.remote_predict_loopback_in_process,
+        max_inflight_per_target=options.remote_predict_max_inflight_per_target,
+        tls=client_tls(tls) if tls else None,
+        channel_arguments=tuple(parse_channel_arguments(options.remote_predict_channel_arguments)),
+        hedge_after_ms=options.remote_predict_hedge_after_ms,
+    )
+    return OpRuntime(settings, name=f"server on port {options.port}")
 
 
 def server_credentials(path: str) -> grpc.ServerCredentials:
@@ -68,14 +71,27 @@ def server_credentials(path: str) -> grpc.ServerCredentials:
     )
 
 
-def client_credentials(path: str) -> grpc.ChannelCredentials:
+def client_tls(path: str) -> ClientTls:
     """The RemotePredict ops' TLS: custom_ca verifies servers; server_cert/server_key is our client cert."""
-    ssl = config_lib.read_text_proto(path, config_protos.SSLConfig())
-    return grpc.ssl_channel_credentials(
-        root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
-        private_key=ssl.server_key.encode() if ssl.server_key else None,
-        certificate_chain=ssl.server_cert.encode() if ssl.server_cert else None,
-    )
+    ssl_config = config_lib.read_text_proto(path, config_protos.SSLConfig())
+    return ClientTls(ca=ssl_config.custom_ca, cert=ssl_config.server_cert, key=ssl_config.server_key)
+
+
+def tcp_ssl_context(path: str) -> ssl.SSLContext:
+    """The --ssl_config_file's TLS for the tcp port, as for gRPC (client_verify: mutual TLS)."""
+    ssl_config = config_lib.read_text_proto(path, config_protos.SSLConfig())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as scratch:  # load_cert_chain reads files only
+        cert, key = os.path.join(scratch, "cert.pem"), os.path.join(scratch, "key.pem")
+        for name, pem in ((cert, ssl_config.server_cert), (key, ssl_config.server_key)):
+            with open(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(pem)
+        context.load_cert_chain(cert, key)
+    if ssl_config.custom_ca:
+        context.load_verify_locations(cadata=ssl_config.custom_ca)
+    if ssl_config.client_verify:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class ModelServer:
@@ -86,6 +102,9 @@ class ModelServer:
         self.data_plane: DataPlane | None = None
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
+        self.tcp_port: int | None = None
+        self.runtime: OpRuntime | None = None
+        self._tcp: tcp_api.TcpServer | None = None
         self._grpc_server: grpc.Server | None = None
         self._health = None
         self._rest: rest_api.RestServer | None = None
@@ -118,9 +137,8 @@ class ModelServer:
         """Load the models, then open the ports. Raises ServingError (or OSError) when it cannot."""
         options = self.options
         _configure_tensorflow(options)
-        _configure_remote_predict(options)
-        kernel.add_observer(self.metrics.on_remote_call)
-        kernel.add_inflight_observer(self.metrics.on_remote_inflight)
+        self.runtime = op_runtime(options)
+        self.metrics.observe_runtime(self.runtime)
         try:
             configs = self._model_configs()
         except OSError as e:
@@ -135,6 +153,7 @@ class ModelServer:
             inter_op_threads=options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism,
             remote_predict_threads=options.remote_predict_threads,
             warmup=options.enable_model_warmup,
+            runtime_id=self.runtime.id,
         )
         self.manager = ModelManager(
             ManagerOptions(
@@ -154,16 +173,29 @@ class ModelServer:
             self._start_grpc(credentials)
             if options.rest_api_port:
                 self._start_rest(metrics_path)
+            if options.tcp_port:
+                self._start_tcp()
         except BaseException:
             self.stop()
             raise
         register_local_server(self.grpc_port, self._local_predict)
+        if self.tcp_port is not None:
+            register_local_server(self.tcp_port, self._local_predict)
         grpc_api.set_health(self._health, True)
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             self._config_thread = threading.Thread(target=self._poll_config_file, name="config-poll", daemon=True)
             self._config_thread.start()
-        log.info("Serving models %s; gRPC on %s:%d%s", ", ".join(self.manager.model_names()), options.host,
-                 self.grpc_port, f", REST on {options.host}:{self.rest_port}" if self.rest_port else "")
+        log.info("Serving models %s; gRPC on %s:%d%s%s", ", ".join(self.manager.model_names()), options.host,
+                 self.grpc_port, f", REST on {options.host}:{self.rest_port}" if self.rest_port else "",
+                 f", tcp on {options.host}:{self.tcp_port}" if self.tcp_port else "")
+
+    def _start_tcp(self) -> None:
+        options = self.options
+        context = tcp_ssl_context(options.ssl_config_file) if options.ssl_config_file else None
+        self._tcp = tcp_api.TcpServer(self.data_plane, self.metrics, options.host, options.tcp_port, context,
+                                      options.drain_timeout_seconds)
+        self._tcp.start()
+        self.tcp_port = self._tcp.port
 
     def _metrics_path(self) -> str | None:
         if not self.options.monitoring_config_file:
@@ -202,7 +234,7 @@ class ModelServer:
 
     def _local_predict(self, request: predict_pb2.PredictRequest, inputs, timeout: float):
         try:
-            return self.data_plane.predict_arrays(request, inputs, timeout_ms=max(1, round(timeout * 1000)))
+            return self.data_plane.predict_arrays(request, inputs, deadline=time.monotonic() + timeout)
         except ServingError as e:
             raise StubError(e.code, e.message) from None
 
@@ -235,9 +267,12 @@ class ModelServer:
         grace = self.options.drain_timeout_seconds
         if self._health is not None:
             grpc_api.set_health(self._health, False)
-        if self.grpc_port is not None:
-            unregister_local_server(self.grpc_port)
+        for port in (self.grpc_port, self.tcp_port):
+            if port is not None:
+                unregister_local_server(port)
         stopped = self._grpc_server.stop(grace) if self._grpc_server is not None else None
+        if self._tcp is not None:
+            self._tcp.stop()
         if self._rest is not None:
             self._rest.stop()
         if stopped is not None:
@@ -248,6 +283,6 @@ class ModelServer:
             self.manager.stop()
         if self.data_plane is not None and self.data_plane.batcher is not None:
             self.data_plane.batcher.close()
-        kernel.remove_observer(self.metrics.on_remote_call)
-        kernel.remove_inflight_observer(self.metrics.on_remote_inflight)
+        if self.runtime is not None:
+            self.runtime.close()
 

@@ -1,16 +1,19 @@
-"""The stub interface, and the per-process registry of stubs by target address."""
+"""The stub interface, the process-wide registry of stub factories, and choosing a stub for a target."""
 
 from __future__ import annotations
 
 import re
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tensorflow_serving.apis import predict_pb2
 
 from remote_predict.errors import Code, code_from_int
-from remote_predict.op import targets
+from remote_predict.op import addresses
+
+if TYPE_CHECKING:
+    from remote_predict.op.runtime import OpRuntime
 
 
 class StubError(Exception):
@@ -34,9 +37,10 @@ class PredictionStub(Protocol):
 
 StubFactory = Callable[[str], PredictionStub]
 
+# Stub factories are process-wide on purpose: a plug-in registers its scheme once, on import, for every
+# server in the process (each server's runtime then makes its own stub instances).
 _lock = threading.Lock()
 _factories: dict[str, StubFactory] = {}
-_stubs: dict[str, PredictionStub] = {}
 
 
 def register_stub(scheme: str, factory: StubFactory) -> None:
@@ -44,57 +48,40 @@ def register_stub(scheme: str, factory: StubFactory) -> None:
     scheme = scheme.lower().rstrip(":/")
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
         raise ValueError(f"invalid stub scheme {scheme!r}")
+    if scheme in ("http", "https", addresses.TCP, "dns", "unix", "unix-abstract", "ipv4", "ipv6", "inprocess"):
+        raise ValueError(f"scheme {scheme!r} is built in")
     with _lock:
         _factories[scheme] = factory
-        for target in [t for t in _stubs if t.lower().startswith(scheme + "://")]:
-            del _stubs[target]
+    from remote_predict.op.runtime import live_runtimes
+
+    for runtime in live_runtimes():
+        runtime.forget_stubs(scheme)
 
 
-def reset_stubs() -> None:
-    """Forget every created stub (their channels close when garbage collected)."""
-    with _lock:
-        stubs = list(_stubs.values())
-        _stubs.clear()
-    for stub in stubs:
-        close = getattr(stub, "close", None)
-        if close is not None:
-            close()
-
-
-def _factory_for(target: str) -> StubFactory:
-    lowered = target.lower()
-    scheme = lowered.split("://", 1)[0] if "://" in lowered else None
-    if scheme in _factories:
-        return _factories[scheme]
-    if scheme in ("http", "https"):
+def create_stub(target: str, runtime: OpRuntime) -> PredictionStub:
+    """A new stub for `target`, for `runtime`'s calls."""
+    parsed = addresses.parse(target)
+    if parsed.kind == addresses.CUSTOM:
+        factory = _factories.get(parsed.scheme)
+        if factory is None:
+            raise StubError(Code.INVALID_ARGUMENT, f"no stub is registered for the scheme of target {target!r}")
+        return factory(target)
+    if parsed.kind == addresses.REST:
         from remote_predict.op.stubs.rest_stub import RestStub
 
-        return RestStub
-    if lowered == "inprocess" or lowered.startswith("inprocess:"):
-        from remote_predict.op.stubs.inprocess_stub import InProcessStub
-
-        return InProcessStub
-    if scheme is not None and scheme not in ("dns", "unix", "unix-abstract", "ipv4", "ipv6"):
-        raise StubError(Code.INVALID_ARGUMENT, f"no stub is registered for the scheme of target {target!r}")
+        return RestStub(target)
     from remote_predict.op.stubs.inprocess_stub import InProcessStub, loopback_port
 
-    port = loopback_port(target)
-    if port is not None:  # this very server: skip the network
-        return lambda _: InProcessStub(f"inprocess:{port}")
+    if parsed.kind == addresses.INPROCESS:
+        return InProcessStub(target)
+    if runtime.settings.loopback_in_process:
+        port = loopback_port(parsed)
+        if port is not None:  # this very server: skip the network
+            return InProcessStub(f"inprocess:{port}")
+    if parsed.kind == addresses.TCP:
+        from remote_predict.op.stubs.tcp_stub import TcpStub
+
+        return TcpStub(parsed, runtime)
     from remote_predict.op.stubs.grpc_stub import GrpcStub
 
-    return GrpcStub
-
-
-def stub_for(target: str) -> PredictionStub:
-    """The process-wide stub for a target: one per address, shared by every op and call."""
-    targets.check_allowed(target)
-    stub = _stubs.get(target)
-    if stub is not None:
-        return stub
-    with _lock:
-        stub = _stubs.get(target)
-        if stub is None:
-            stub = _factory_for(target)(target)
-            _stubs[target] = stub
-    return stub
+    return GrpcStub(target, runtime)

@@ -3,8 +3,10 @@
 Target `inprocess` means "the server running in this process"; `inprocess:PORT` picks the server whose
 gRPC port is PORT when a process runs several (tests do). Servers register themselves at start.
 
-A gRPC target that names this very server over loopback (`localhost:8500` in a server listening on 8500,
-as in the seed's walk-through) is served in-process too: the answer is the same, without the network.
+A gRPC or tcp target that names this very server over loopback (`localhost:8500` in a server listening on
+8500, as in the seed's walk-through) is served in-process too: the answer is the same, without the network.
+The registry of servers by port is process-wide by nature (it is what "this process" means); servers
+add and remove themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2
 
 from remote_predict import tensor_codec
 from remote_predict.errors import Code
+from remote_predict.op import addresses
 from remote_predict.op.stubs.base import StubError
 
 # (request without inputs, inputs, timeout in seconds) -> (model spec, outputs); raises StubError.
@@ -38,34 +41,14 @@ def unregister_local_server(port: int) -> None:
         _servers.pop(port, None)
 
 
-_shortcut = True
-
-
-def set_loopback_shortcut(enabled: bool) -> None:
-    """Whether loopback gRPC targets naming a server of this process are served in-process."""
-    global _shortcut
-    _shortcut = enabled
-
-
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", "[::]", "ip6-localhost"}
-
-
-def loopback_port(target: str) -> int | None:
-    """The port of a gRPC target that means "a server on this machine", when this process serves it."""
-    if not _shortcut:
+def loopback_port(target: addresses.Target) -> int | None:
+    """The port of a single-address gRPC or tcp target on this machine that a server of this process serves."""
+    if target.kind not in (addresses.GRPC, addresses.TCP) or len(target.endpoints) != 1:
         return None
-    address = target.strip()
-    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if address.lower().startswith(prefix):
-            address = address[len(prefix):]
-            break
-    if "," in address or "/" in address:
+    host, port = addresses.split_host_port(target.endpoints[0])
+    if port is None or not (addresses.is_loopback(host) or host == socket.gethostname().lower()):
         return None
-    host, _, port = address.rpartition(":")
-    if not port.isdigit() or (host.lower() not in _LOOPBACK and host.lower() != socket.gethostname().lower()
-                              and not host.startswith("127.")):
-        return None
-    return int(port) if int(port) in _servers else None
+    return port if port in _servers else None
 
 
 class InProcessStub:

@@ -1,4 +1,9 @@
-"""Calls in flight per target, and shedding the calls of a target that stopped answering."""
+"""Calls in flight per target, and shedding the calls of a target that stopped answering.
+
+For targets without health per endpoint: gRPC addresses naming one server, REST, in-process and custom
+stubs. (A `tcp://` target's replicas are watched one by one in `endpoints`; a gRPC target listing
+several replicas is left to gRPC's own keepalive, retries and round robin, see `stubs/grpc_stub.py`.)
+"""
 
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ _log = logging.getLogger(__name__)
 
 
 class _Call:
-    __slots__ = ("cancel", "deadline", "shed", "start")
+    __slots__ = ("cancel", "deadline", "shed", "start", "watched")
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float, watched: bool):
         self.start = time.monotonic()
         self.deadline = deadline
         self.cancel: Callable[[], object] | None = None
         self.shed = False
+        self.watched = watched
 
 
 class _Target:
@@ -35,7 +41,7 @@ class _Target:
         self.probe: _Call | None = None
 
 
-class _Targets:
+class CircuitBreaker:
     """A circuit breaker per target, so that a target that stops answering cannot hold every thread.
 
     A call waits for its answer in a thread, so a hung target would hold one request thread per call
@@ -47,22 +53,25 @@ class _Targets:
     one failed; the first answer to a probe ends the stall. `limit` (optional) caps calls per target.
     """
 
-    def __init__(self) -> None:
-        self.limit = 0
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = max(0, limit)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._targets: dict[str, _Target] = {}
         self._inflight = 0
         self._watchdog: threading.Thread | None = None
         self._local = threading.local()
+        self._closed = False
 
-    def begin(self, target: str, deadline: float) -> tuple[_Call | None, Code, str]:
+    def begin(self, target: str, deadline: float, watched: bool = True) -> tuple[_Call | None, Code, str]:
+        """Count a call (refused over the cap, or while the target is stalled); `watched=False` for
+        targets whose replicas are watched elsewhere: only the cap applies to them."""
         with self._lock:
             state = self._targets.get(target)
             if state is None:
                 state = self._targets[target] = _Target()
             probe = False
-            if state.stalled_since is not None:
+            if watched and state.stalled_since is not None:
                 if state.probe is not None:
                     stalled_ms = (time.monotonic() - state.stalled_since) * 1000
                     return None, Code.UNAVAILABLE, (
@@ -71,7 +80,7 @@ class _Targets:
             if self.limit and len(state.calls) >= self.limit:
                 return None, Code.RESOURCE_EXHAUSTED, (f"{self.limit} calls to this target are already in flight "
                                                        "(--remote_predict_max_inflight_per_target)")
-            call = _Call(deadline)
+            call = _Call(deadline, watched)
             state.calls[id(call)] = call
             if probe:
                 state.probe = call
@@ -108,8 +117,10 @@ class _Targets:
     def _watch(self) -> None:
         while True:
             with self._lock:
-                while not self._inflight:
+                while not self._inflight and not self._closed:
                     self._wake.wait()
+                if self._closed:
+                    return
                 cancels = self._shed_stalled(time.monotonic())
             for cancel in cancels:
                 try:
@@ -121,9 +132,10 @@ class _Targets:
     def _shed_stalled(self, now: float) -> list[Callable[[], object]]:
         cancels: list[Callable[[], object]] = []
         for state in self._targets.values():
-            if state.stalled_since is not None or not state.calls:
+            watched = [c for c in state.calls.values() if c.watched]
+            if state.stalled_since is not None or not watched:
                 continue  # the probe may wait its whole deadline
-            oldest, *others = state.calls.values()
+            oldest, *others = watched
             if now - oldest.start <= oldest.deadline / STALL_FRACTION:
                 continue
             state.stalled_since = now
@@ -134,22 +146,14 @@ class _Targets:
                     cancels.append(call.cancel)
         return cancels
 
-    def clear_stalls(self) -> None:
-        """Forget which targets are stalled (new settings: their next calls are ordinary calls again)."""
+    def close(self) -> None:
+        """Stop the watchdog (the runtime that owns this breaker is closing)."""
         with self._lock:
-            for state in self._targets.values():
-                state.stalled_since, state.probe = None, None
+            self._closed = True
+            self._wake.notify_all()
 
     def current_call_shed(self) -> bool:
         """For stubs: whether the call this thread is making was shed (else a cancellation hit another)."""
         call = getattr(self._local, "call", None)
         return call is not None and call.shed
 
-
-targets = _Targets()
-register_cancel = targets.on_cancel
-current_call_shed = targets.current_call_shed
-
-
-def set_max_inflight_per_target(limit: int) -> None:
-    targets.limit = max(0, limit)

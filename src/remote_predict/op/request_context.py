@@ -1,0 +1,58 @@
+"""What a RemotePredict call inherits from the request that made it: its deadline and its trace context.
+
+A call must never outlive the request it serves (a client that gave up after 50 ms must not leave
+2-second calls running on the shards), and its trace must continue the request's. The server sets both
+here, in the request's thread, around the Session run; a kernel that runs in that same thread reads them.
+Our server runs a model's RemotePredict calls in the request's thread whenever they form one step (every
+split master, every model with one RemotePredict op): TensorFlow then runs the graph in the calling
+thread, and thread-local state crosses into the kernel. A model whose several RemotePredict ops run
+concurrently on TensorFlow's inter-op pool does not see it: its calls are bounded by their own
+`max_rpc_deadline_millis` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    deadline: float | None = None  # time.monotonic() by which the request must be answered
+    metadata: Mapping[str, str] = field(default_factory=dict)  # W3C trace context headers to send on
+
+    def remaining(self, now: float | None = None) -> float | None:
+        if self.deadline is None:
+            return None
+        return self.deadline - (time.monotonic() if now is None else now)
+
+
+_NONE = RequestContext()
+_local = threading.local()
+
+
+def current() -> RequestContext:
+    return getattr(_local, "context", _NONE)
+
+
+@contextlib.contextmanager
+def scope(deadline: float | None = None, metadata: Mapping[str, str] | None = None) -> Iterator[RequestContext]:
+    """Make `deadline` (absolute, monotonic) and `metadata` the current request's for this thread."""
+    previous = current()
+    if previous.deadline is not None and (deadline is None or previous.deadline < deadline):
+        deadline = previous.deadline  # a nested scope can only shorten the deadline
+    context = RequestContext(deadline, dict(metadata) if metadata is not None else previous.metadata)
+    _local.context = context
+    try:
+        yield context
+    finally:
+        _local.context = previous
+
+
+def call_timeout(max_seconds: float, now: float | None = None) -> float:
+    """A call's timeout: its own limit, or less if the request's deadline comes first (may be <= 0)."""
+    remaining = current().remaining(now)
+    return max_seconds if remaining is None else min(max_seconds, remaining)

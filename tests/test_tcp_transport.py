@@ -1,0 +1,172 @@
+"""remote-predict's framed TCP transport (`--tcp_port`, `tcp://` targets): answers, errors, health, TLS, replicas."""
+
+import signal
+import socket
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import models
+from helpers import HALF_PLUS_TWO, InProcessServer, ServerProcess, float_val, free_port, wait_until, write_config
+from load import SteadyLoad, counts, describe
+from remote_predict import frames
+from tls import make_pki, ssl_config
+
+
+def _leaf(*flags: str, **kwargs) -> InProcessServer:
+    return InProcessServer(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
+                           f"--tcp_port={free_port()}", *flags, rest=False, **kwargs)
+
+
+def _master(tmp_path, target: str, *flags: str, deadline_ms: int = 3000) -> InProcessServer:
+    models.caller(tmp_path / "remote" / "1", target, "half_plus_two", deadline_ms=deadline_ms)
+    models.caller(tmp_path / "missing" / "1", target, "no_such_model", deadline_ms=deadline_ms)
+    config = write_config(tmp_path / "m.config", {"remote": tmp_path / "remote", "missing": tmp_path / "missing"})
+    # In one process the op would reach the leaf in-process; these tests are about the wire.
+    return InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
+                           "--remote_predict_loopback_in_process=false", *flags, rest=False)
+
+
+def test_remote_predict_over_tcp_answers_as_over_grpc(tmp_path):
+    with _leaf() as leaf, _master(tmp_path, f"tcp://127.0.0.1:{leaf.server.tcp_port}") as master:
+        x = np.array([[1.0], [2.0], [5.0]], np.float32)
+        assert float_val(master.predict("remote", {"x": x}), "y").tolist() == [[2.5], [3.0], [4.5]]
+        big = np.arange(300_000, dtype=np.float32).reshape(-1, 1)  # 1.2 MB each way
+        assert np.array_equal(float_val(master.predict("remote", {"x": big}), "y"), 0.5 * big + 2)
+        with pytest.raises(grpc.RpcError) as caught:
+            master.predict("missing", {"x": x})
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no_such_model" in caught.value.details() and f"tcp://127.0.0.1:{leaf.server.tcp_port}" in \
+            caught.value.details()
+        assert float_val(master.predict("remote", {"x": x}), "y").tolist() == [[2.5], [3.0], [4.5]]
+
+
+def _raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The server closed the connection (a reset when it left our bytes unread)."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_tcp_port_refuses_garbage_and_keeps_serving(tmp_path):
+    with _leaf() as leaf, _master(tmp_path, f"tcp://127.0.0.1:{leaf.server.tcp_port}") as master:
+        port = leaf.server.tcp_port
+        with _raw(port) as sock:  # an HTTP client on the wrong port: closed, nothing answered
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 20)
+            assert _closed(sock)
+        with _raw(port) as sock:  # a frame declaring more than the limit: closed at once
+            sock.sendall(frames.HEADER.pack(frames.MAGIC, frames.PREDICT, 0, 0, 0, 0, frames.MAX_FRAME_BYTES + 1))
+            assert _closed(sock)
+        with _raw(port) as sock:  # a frame declaring 1 GiB and sending 10 bytes of it, then going away
+            sock.sendall(frames.HEADER.pack(frames.MAGIC, frames.PREDICT, 0, 0, 0, 0, 1 << 30) + b"0123456789")
+        with _raw(port) as sock:  # a well-framed body that is not a PredictRequest: an error answer, kept open
+            frames.send(sock, frames.encode(frames.PREDICT, 1000, b"", b"\xff\xff\xff"))
+            _, code, message, _ = frames.read(sock)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and b"malformed" in message
+            frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
+            assert frames.read(sock)[1] == 0
+        assert float_val(master.predict("remote", {"x": np.array([[2.0]], np.float32)}), "y").tolist() == [[3.0]]
+
+
+def test_health_frames_say_serving_then_draining():
+    leaf = _leaf()
+    sock = _raw(leaf.server.tcp_port)
+    try:
+        frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
+        assert frames.read(sock)[1] == 0
+        leaf.server._tcp.draining = True  # what stop() does first
+        frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
+        assert frames.read(sock)[1] == grpc.StatusCode.UNAVAILABLE.value[0]
+    finally:
+        sock.close()
+        leaf.stop()
+
+
+def test_tcp_with_mutual_tls(tmp_path):
+    ca, server, client = make_pki()
+    leaf_ssl = ssl_config(tmp_path / "leaf_ssl.txt", server.key, server.cert, ca.cert, client_verify=True)
+    client_tls = ssl_config(tmp_path / "client_tls.txt", client.key, client.cert, ca.cert)
+    with _leaf(f"--ssl_config_file={leaf_ssl}") as leaf:
+        target = f"tcp://localhost:{leaf.server.tcp_port}"
+        with _master(tmp_path / "good", target, f"--remote_predict_client_tls_config_file={client_tls}") as master:
+            assert float_val(master.predict("remote", {"x": np.array([[2.0]], np.float32)}), "y").tolist() == [[3.0]]
+        anonymous = ssl_config(tmp_path / "anonymous.txt", ca=ca.cert)
+        with _master(tmp_path / "bad", target, f"--remote_predict_client_tls_config_file={anonymous}") as master, \
+                pytest.raises(grpc.RpcError) as caught:
+            master.predict("remote", {"x": np.array([[2.0]], np.float32)})
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_call_never_outlives_its_request(tmp_path):
+    """The client gives up after 300 ms: the master's call to the leaf carries what is left, so the leaf
+    stops at about the same time instead of running its 3-second request to the end."""
+    models.sleepy(tmp_path / "sleepy" / "1")
+    leaf = InProcessServer(f"--model_base_path={tmp_path / 'sleepy'}", "--model_name=sleepy",
+                           f"--tcp_port={free_port()}", "--monitoring_config_file=" + str(_monitoring(tmp_path)))
+    models.fan_out(tmp_path / "master" / "1", [f"tcp://127.0.0.1:{leaf.server.tcp_port}"], deadline_ms=10000)
+    config = write_config(tmp_path / "m.config", {"master": tmp_path / "master"})
+    master = InProcessServer(f"--model_config_file={config}", "--remote_predict_loopback_in_process=false",
+                             rest=False)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            master.predict("master", {"x": np.array([1.0], np.float32), "delay_ms": np.int64(3000)}, timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.0
+
+        def leaf_gave_up() -> bool:
+            _, text = leaf.get("/monitoring/prometheus/metrics")
+            return 'remote_predict_requests_total{api="predict",code="DEADLINE_EXCEEDED",model="sleepy",' \
+                   'protocol="tcp"} 1.0' in text
+        wait_until(leaf_gave_up, 2.0, "the leaf's request to end DEADLINE_EXCEEDED")
+        assert time.monotonic() - started < 2.5, "the leaf ran its request well past the client's deadline"
+    finally:
+        master.stop()
+        leaf.stop()
+
+
+def _monitoring(tmp_path):
+    path = tmp_path / "monitoring.txt"
+    path.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
+    return path
+
+
+def test_replicas_cover_for_a_killed_and_for_a_hung_replica(tmp_path):
+    """Two replicas over tcp, steady load: one killed, restarted, then one stopped (SIGSTOP), continued."""
+    ports = [free_port(), free_port()]
+    leaves = [ServerProcess(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
+                            f"--tcp_port={port}", rest=False) for port in ports]
+    target = "tcp://" + ",".join(f"127.0.0.1:{port}" for port in ports)
+    master = _master(tmp_path, target, deadline_ms=2000)
+    load = SteadyLoad(master.address, {"remote": 4}, lambda model, x: 0.5 * x + 2.0, timeout=10, pause=0.005)
+    try:
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        leaves[0].proc.kill()
+        time.sleep(1.5)
+        leaves[0] = ServerProcess(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
+                                  f"--tcp_port={ports[0]}", rest=False)
+        time.sleep(1.0)
+        stopped_at = time.monotonic()
+        leaves[1].signal(signal.SIGSTOP)
+        time.sleep(2.0)
+        leaves[1].signal(signal.SIGCONT)
+        continued_at = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        outcomes = load.stop()
+        master.stop()
+        for leaf in leaves:
+            leaf.stop()
+    summary = describe(outcomes)
+    assert not counts(outcomes).get("WRONG"), summary
+    assert set(counts(outcomes, since=killed_at)) == {"OK"}, summary  # nothing failed, through both faults
+    during_stop = [o for o in outcomes if stopped_at <= o.started < continued_at]
+    assert during_stop and max(o.seconds for o in during_stop) < 0.5, summary  # re-sent well within the deadline
