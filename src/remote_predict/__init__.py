@@ -13,6 +13,7 @@ import sys
 if os.path.basename(sys.argv[0] if sys.argv else "") == "remote-predict" or sys.argv[:1] == ["-m"]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from remote_predict.op import lookup as _lookup  # noqa: F401  (registers the lookup op's kernel)
 from remote_predict.op.api import RemotePredictResult, run, run_returning_status
 from remote_predict.op.stubs import PredictionStub, StubError, register_stub
 

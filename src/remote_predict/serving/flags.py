@@ -64,6 +64,7 @@ class ServerOptions:
     remote_predict_channel_arguments: str = ""
     remote_predict_hedge_after_ms: int = 0
     tcp_port: int = 0
+    lookup_fast_path: bool = True
     drain_timeout_seconds: float = 30.0
     rest_api_max_body_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 31
@@ -121,6 +122,9 @@ _HELP = {
                                      "(0: never)",
     "tcp_port": "(remote-predict) also serve Predict on this port over remote-predict's framed TCP transport, "
                 "which RemotePredict ops reach as tcp://HOST:PORT (0: off)",
+    "lookup_fast_path": "(remote-predict) answer the shard models `remote-predict split` writes straight from "
+                        "their checkpoint's rows (memory-mapped, no TensorFlow Session); false loads them as any "
+                        "SavedModel",
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",

@@ -73,6 +73,7 @@ class LoadOptions:
     remote_predict_threads: int = 64
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests after loading
     runtime_id: int | None = None  # the OpRuntime this server's RemotePredict ops use (see op/tokens.py)
+    lookup_fast_path: bool = True  # serve row-gathering shards from their checkpoint (rows_servable.py)
 
 
 def tensor_specs(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> dict[str, TensorSpec]:
@@ -203,6 +204,13 @@ def load(name: str, version: int, path: str, options: LoadOptions) -> Servable:
     if not os.path.isdir(path):
         raise ServingError(Code.NOT_FOUND, f"SavedModel directory {path} does not exist")
     try:
+        if options.lookup_fast_path:
+            from remote_predict.serving import rows_servable
+
+            meta_graph = loader_impl.SavedModelLoader(path).get_meta_graph_def_from_tags(list(options.tags))
+            rows = rows_servable.try_load(name, version, path, meta_graph)
+            if rows is not None:
+                return rows
         return Servable(name, version, path, options)
     except ServingError:
         raise

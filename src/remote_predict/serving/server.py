@@ -154,6 +154,7 @@ class ModelServer:
             remote_predict_threads=options.remote_predict_threads,
             warmup=options.enable_model_warmup,
             runtime_id=self.runtime.id,
+            lookup_fast_path=options.lookup_fast_path,
         )
         self.manager = ModelManager(
             ManagerOptions(

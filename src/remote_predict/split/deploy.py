@@ -7,34 +7,42 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
+from remote_predict.op import addresses
+
+GRPC_PORT_OFFSET = 1000  # a shard reached over tcp on port P serves gRPC on P + 1000 (launch.sh, Procfile)
 
 
 @dataclass
 class Server:
     name: str  # "master", "shard_0", "base", ...
     models: dict[str, str]  # model name -> base path
-    ports: list[int] = field(default_factory=list)  # one process per port (replicas)
+    ports: list[int] = field(default_factory=list)  # gRPC port of each process (one per replica)
     rest_port: int = 0
     policy: str = ""  # a model_version_policy block, or "" for TF Serving's default (latest 1)
     remote_hosts: list[str] = field(default_factory=list)  # replicas on other machines, run there
+    tcp_ports: list[int] = field(default_factory=list)  # --tcp_port of each process, when it has one
 
 
 def local_ports(address: str) -> tuple[list[int], list[str]]:
-    """The loopback ports of a gRPC address (`host:port`, `dns:///h:p`, `ipv4:h1:p1,h2:p2`), and other hosts."""
-    body = address
-    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if body.lower().startswith(prefix):
-            body = body[len(prefix):]
-            break
+    """The loopback ports an address names (`host:port`, `dns:///h:p`, `ipv4:h1:p1,h2:p2`, `tcp://h:p,...`),
+    and its endpoints on other hosts."""
     ports, others = [], []
-    for endpoint in filter(None, (e.strip() for e in body.split(","))):
-        host, _, port = endpoint.rpartition(":")
-        if host.lower() in LOOPBACK and port.isdigit():
-            ports.append(int(port))
+    for endpoint in addresses.parse(address).endpoints:
+        host, port = addresses.split_host_port(endpoint)
+        if addresses.is_loopback(host) and port is not None:
+            ports.append(port)
         else:
             others.append(endpoint)
     return ports, others
+
+
+def shard_server(name: str, models: dict[str, str], address: str, policy: str) -> Server:
+    """The server (its replicas on this machine) that `address`, the master's target for it, names."""
+    ports, others = local_ports(address)
+    if addresses.parse(address).kind == addresses.TCP:
+        return Server(name, models, [p + GRPC_PORT_OFFSET for p in ports], policy=policy, remote_hosts=others,
+                      tcp_ports=ports)
+    return Server(name, models, ports, policy=policy, remote_hosts=others)
 
 
 def config_text(server: Server) -> str:
@@ -46,10 +54,12 @@ def config_text(server: Server) -> str:
     return "model_config_list {\n" + "\n".join(blocks) + "\n}\n"
 
 
-def _command(server: Server, port: int, config: str, first: bool) -> str:
-    args = ["${REMOTE_PREDICT:-remote-predict}", "serve", "--host=127.0.0.1", f"--port={port}",
+def _command(server: Server, index: int, config: str) -> str:
+    args = ["${REMOTE_PREDICT:-remote-predict}", "serve", "--host=127.0.0.1", f"--port={server.ports[index]}",
             f"--model_config_file={shlex.quote(config)}"]
-    if server.rest_port and first:
+    if server.tcp_ports:
+        args.append(f"--tcp_port={server.tcp_ports[index]}")
+    if server.rest_port and index == 0:
         args.append(f"--rest_api_port={server.rest_port}")
     return " ".join(args)
 
@@ -66,7 +76,7 @@ def write(output_dir: str, servers: Sequence[Server]) -> list[str]:
         written.append(path)
         for index, port in enumerate(server.ports):
             label = server.name if index == 0 else f"{server.name}_replica_{index}"
-            command = _command(server, port, os.path.abspath(path), first=index == 0)
+            command = _command(server, index, os.path.abspath(path))
             launch.append(f'echo "starting {label} on 127.0.0.1:{port}"\n{command} &\npids+=($!)')
             procfile.append(f"{label}: {command}")
         for host in server.remote_hosts:

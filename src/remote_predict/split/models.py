@@ -1,8 +1,10 @@
 """Building the master and the cut pieces as Keras models, from the archive's config and weights.
 
 The original model is never built whole (its tables could be larger than memory): the config is edited
-first (a sharded Embedding becomes a ShardedEmbedding; a cut layer becomes an Input), the edited model is
-built, and only the weights it still needs are read from the archive.
+first (a sharded Embedding becomes a `TableStub`, a one-row stand-in; a cut layer becomes an Input), the
+edited model is built, and only the weights it still needs are read from the archive. A master built so
+is exported and then rewritten like any exported SavedModel (`saved_model_source`): each stub's gather
+becomes the sharded lookup, so both kinds of input end in the same master.
 """
 
 from __future__ import annotations
@@ -16,21 +18,51 @@ import numpy as np
 import tensorflow as tf
 
 from remote_predict.split.keras_archive import KerasArchive
-from remote_predict.split.sharded_embedding import ShardedEmbedding
 
 
 @dataclass(frozen=True)
 class TablePlan:
-    layer: str
+    layer: str  # the table's name: its Embedding layer, or its slug in an exported SavedModel
     rows: int
     dim: int
     strategy: str
-    targets: tuple[str, ...]
-    shard_models: tuple[str, ...]
+    targets: tuple[str, ...]  # shard k's server
+    shard_models: tuple[str, ...]  # shard k's model there
+    wrap_negative: bool = False  # the lookup counts negative ids from the end (what Keras' Embedding does)
+
+
+@keras.saving.register_keras_serializable(package="remote_predict")
+class TableStub(keras.layers.Layer):
+    """Stands in for a sharded Embedding while the master is exported: a plain gather from a one-row
+    table, which the export's rewrite replaces with the sharded lookup (counting negative ids from the
+    end there, with the real number of rows, as Keras' Embedding does)."""
+
+    def __init__(self, output_dim: int, mask_zero: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.output_dim, self.mask_zero = int(output_dim), bool(mask_zero)
+        self.supports_masking = self.mask_zero
+
+    def build(self, input_shape) -> None:
+        self.embeddings = self.add_weight(shape=(1, self.output_dim), initializer="zeros", name="embeddings",
+                                          trainable=False)
+
+    def call(self, inputs):
+        if inputs.dtype not in ("int32", "int64"):
+            inputs = keras.ops.cast(inputs, "int32")  # as keras.layers.Embedding does
+        return keras.ops.cast(tf.gather(self.embeddings, inputs), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.output_dim)
+
+    def compute_mask(self, inputs, mask=None):
+        return keras.ops.not_equal(inputs, 0) if self.mask_zero else None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "output_dim": self.output_dim, "mask_zero": self.mask_zero}
 
 
 def _build(config: dict) -> keras.Model:
-    with keras.saving.custom_object_scope({"ShardedEmbedding": ShardedEmbedding}):
+    with keras.saving.custom_object_scope({"TableStub": TableStub}):
         return keras.saving.deserialize_keras_object(config)
 
 
@@ -53,32 +85,21 @@ def _load_weights(model: keras.Model, archive: KerasArchive, skip: Iterable[str]
         layer.load_own_variables({key: np.asarray(value) for key, value in stored.items()})
 
 
-def master_model(archive: KerasArchive, tables: Sequence[TablePlan], version: int, deadline_ms: int) -> keras.Model:
-    """The original model with each planned table replaced by a ShardedEmbedding, other weights loaded."""
+def master_model(archive: KerasArchive, tables: Sequence[TablePlan]) -> keras.Model:
+    """The original model with each planned table replaced by a TableStub, other weights loaded."""
     config = copy.deepcopy(archive.config)
     plans = {t.layer: t for t in tables}
     for layer in config["config"]["layers"]:
-        name = layer.get("name") or layer["config"]["name"]
+        name = _layer_name(layer)
         plan = plans.get(name)
         if plan is None:
             continue
         original = layer["config"]
-        layer["class_name"] = "ShardedEmbedding"
+        layer["class_name"] = "TableStub"
         layer["module"] = None
-        layer["registered_name"] = "remote_predict>ShardedEmbedding"
-        layer["config"] = {
-            "name": name,
-            "trainable": False,
-            "dtype": original.get("dtype"),
-            "input_dim": plan.rows,
-            "output_dim": plan.dim,
-            "targets": list(plan.targets),
-            "shard_models": list(plan.shard_models),
-            "partition_strategy": plan.strategy,
-            "model_version": version,
-            "deadline_ms": deadline_ms,
-            "mask_zero": original.get("mask_zero", False),
-        }
+        layer["registered_name"] = "remote_predict>TableStub"
+        layer["config"] = {"name": name, "trainable": False, "dtype": original.get("dtype"),
+                           "output_dim": plan.dim, "mask_zero": original.get("mask_zero", False)}
         layer.pop("build_config", None)
     model = _build(config)
     _load_weights(model, archive, skip=plans)

@@ -26,9 +26,9 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, node_def_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2, trackable_object_graph_pb2
 
-from remote_predict.split.checkpoint_bundle import Bundle
-from remote_predict.split.partition import Partition
-from remote_predict.split.sharded_embedding import lookup_function
+from remote_predict.checkpoint_bundle import Bundle
+from remote_predict.op.lookup import LookupConfig, TableSpec, lookup_op
+from remote_predict.split.models import TablePlan
 from remote_predict.split.writers import atomic_directory
 
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
@@ -248,6 +248,17 @@ class SavedModelSource:
         if value in function.ret.values():
             table.other_uses.append(f"returned by {function.signature.name}")
 
+    def table_named(self, name: str) -> Table:
+        """The table a plan names: by slug, by variable name, or as Keras names a layer's table
+        (`<model>/<layer>/embeddings`)."""
+        for table in self.tables:
+            if name in (table.slug, table.name):
+                return table
+        keras_style = [t for t in self.tables if f"/{t.name}".endswith(f"/{name}/embeddings")]
+        if len(keras_style) == 1:
+            return keras_style[0]
+        raise KeyError(f"no table {name!r} in {self.path}")
+
     def shardable(self) -> list[Table]:
         return [t for t in self.tables if t.lookups and not t.other_uses]
 
@@ -257,25 +268,29 @@ class SavedModelSource:
     # -- the master -------------------------------------------------------------------------------
     def write_master(self, path: str, plans: Sequence, version: int, deadline_ms: int) -> None:
         """This SavedModel with every planned table's gathers replaced by calls to its shards."""
-        by_slug = {t.slug: t for t in self.tables}
         saved_model = saved_model_pb2.SavedModel()  # from the file: the analysis must not leak into the master
         with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
             saved_model.ParseFromString(f.read())
         meta_graph = saved_model.meta_graphs[list(self.saved_model.meta_graphs).index(self.meta_graph)]
         library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
         emptied: set[str] = set()
+        gathers: dict[str, list[tuple[str, TablePlan]]] = {}  # function -> its gathers from planned tables
+        by_plan = {plan.layer: self.table_named(plan.layer) for plan in plans}
         for plan in plans:
-            table = by_slug[plan.layer]
+            table = by_plan[plan.layer]
             emptied.add(table.key)
-            dtype = self.bundle.dtype(table.key)
-            calls: dict[tf.DType, str] = {}
             for function_name, node_name in table.lookups:
-                function = library[function_name]
-                node = next(n for n in function.node_def if n.name == node_name)
-                index_dtype = tf.as_dtype(node.attr["Tindices"].type)
-                if index_dtype not in calls:
-                    calls[index_dtype] = _add_lookup(library, plan, dtype, index_dtype, version, deadline_ms)
-                _replace_with_call(function, node, calls[index_dtype], index_dtype, dtype)
+                gathers.setdefault(function_name, []).append((node_name, plan))
+        for function_name, found in gathers.items():
+            function = library[function_name]
+            nodes = {n.name: n for n in function.node_def}
+            plan_of = dict(found)
+            for step in lookup_steps(function, list(plan_of)):
+                entries = [(nodes[name], plan_of[name]) for name in step]
+                tables = {plan.layer: self.bundle.dtype(by_plan[plan.layer].key) for _, plan in entries}
+                lookup = _add_lookup(library, entries, tables, version=version, deadline_ms=deadline_ms)
+                _replace_with_call(function, [node for node, _ in entries], lookup,
+                                   [tables[plan.layer] for _, plan in entries])
         for handle, key in self.key_of_handle.items():
             if handle not in self.serving_handles and self._nbytes(key) > UNUSED_ZERO_BYTES:
                 emptied.add(key)  # serving never reads it: keep it out of the master's memory
@@ -319,23 +334,69 @@ def _shrink_saved_variables(meta_graph: meta_graph_pb2.MetaGraphDef, node_keys: 
             node.variable.shape.dim[0].size = 0
 
 
-def _add_lookup(library: dict[str, function_pb2.FunctionDef], plan, dtype: tf.DType, index_dtype: tf.DType,
-                version: int, deadline_ms: int) -> str:
-    """Add a function (indices of any shape) -> rows to `library`; return its name."""
-    partition = Partition(plan.strategy, plan.rows, len(plan.targets))
-    lookup = lookup_function(partition, plan.dim, dtype, plan.targets, plan.shard_models, version, deadline_ms,
-                             plan.layer, wrap_negative=False)
+def lookup_steps(function: function_pb2.FunctionDef, gathers: Sequence[str]) -> list[list[str]]:
+    """`gathers` (node names in `function`) in steps: a gather is in the step after every gather its
+    inputs depend on, so the gathers of one step can be made by one node without creating a cycle."""
+    inputs = {n.name: [_source(i) for i in n.input] for n in function.node_def}
+    wanted = set(gathers)
+    below: dict[str, set[str]] = {}  # node -> the wanted gathers among its ancestors
+
+    def ancestors(name: str) -> set[str]:
+        stack, order = [name], []
+        while stack:  # iterative depth-first, so that deep graphs do not hit the recursion limit
+            node = stack.pop()
+            if node in below or node not in inputs:
+                continue
+            missing = [i for i in inputs[node] if i in inputs and i not in below]
+            if missing:
+                stack.append(node)
+                stack.extend(missing)
+                continue
+            found: set[str] = set()
+            for i in inputs[node]:
+                if i in below:
+                    found |= below[i] | ({i} if i in wanted else set())
+            below[node] = found
+            order.append(node)
+        return below.get(name, set())
+
+    level: dict[str, int] = {}
+    for name in sorted(gathers, key=lambda g: len(ancestors(g))):
+        level[name] = 1 + max((level[g] for g in ancestors(name) if g in level), default=-1)
+    steps: dict[int, list[str]] = {}
+    for name in gathers:
+        steps.setdefault(level[name], []).append(name)
+    return [steps[k] for k in sorted(steps)]
+
+
+def _add_lookup(library: dict[str, function_pb2.FunctionDef], entries: Sequence[tuple[node_def_pb2.NodeDef, TablePlan]],
+                tables: dict[str, tf.DType], version: int, deadline_ms: int) -> str:
+    """Add a function (the gathers' indices, any shapes) -> (their rows) to `library`; return its name."""
+    plans = {}
+    for _, plan in entries:
+        plans.setdefault(plan.layer, plan)
+    names = list(plans)
+    first = next(iter(plans.values()))
+    config = LookupConfig(
+        tables=tuple(TableSpec(name=name, rows=plans[name].rows, dim=plans[name].dim,
+                               dtype=tables[name].as_datatype_enum, strategy=plans[name].strategy,
+                               wrap_negative=plans[name].wrap_negative) for name in names),
+        inputs=tuple(names.index(plan.layer) for _, plan in entries),
+        targets=first.targets, models=first.shard_models, version=version, deadline_ms=deadline_ms)
+    index_dtypes = [tf.as_dtype(node.attr["Tindices"].type) for node, _ in entries]
 
     @tf.function(autograph=False)
-    def gather(indices):
-        rows = lookup(tf.reshape(tf.cast(indices, tf.int64), [-1]))
-        return tf.reshape(rows, tf.concat([tf.shape(indices), [plan.dim]], 0))
+    def gather(*indices):
+        rows = lookup_op(config, list(indices), name="lookup")
+        # Reshape is free (no copy) and tells shape inference the rank and the row width.
+        return [tf.reshape(r, tf.concat([tf.shape(i, out_type=tf.int64), [plans[p.layer].dim]], 0))
+                for r, i, (_, p) in zip(rows, indices, entries, strict=True)]
 
-    concrete = gather.get_concrete_function(tf.TensorSpec(None, index_dtype))
+    concrete = gather.get_concrete_function(*(tf.TensorSpec(None, d) for d in index_dtypes))
     functions = [*concrete.graph.as_graph_def().library.function, concrete.function_def]
     renames = {}
     for function in functions:
-        name = f"remote_predict_{plan.layer}_{index_dtype.name}_{function.signature.name}"
+        name = f"remote_predict_{'_'.join(names)}_{function.signature.name}"
         while name in library:
             name += "_"
         renames[function.signature.name] = name
@@ -350,33 +411,36 @@ def _add_lookup(library: dict[str, function_pb2.FunctionDef], plan, dtype: tf.DT
     return renames[concrete.function_def.signature.name]
 
 
-def _replace_with_call(function: function_pb2.FunctionDef, node: node_def_pb2.NodeDef, lookup: str,
-                       index_dtype: tf.DType, dtype: tf.DType) -> None:
-    """Turn a gather node into an Identity of a new node calling `lookup` on its indices.
+def _replace_with_call(function: function_pb2.FunctionDef, gathers: Sequence[node_def_pb2.NodeDef], lookup: str,
+                       dtypes: Sequence[tf.DType]) -> None:
+    """Turn each gather node into an Identity of one output of a new node calling `lookup` on their indices.
 
-    The gather keeps its name (and output name, "output") for its consumers. The call gets a name of its
+    Each gather keeps its name (and output name, "output") for its consumers. The call gets a name of its
     own because inlining prefixes the callee's nodes with the call's name, which must not collide with
     the caller's nodes (`embedding_lookup/Identity` follows a gather named `embedding_lookup`).
     """
     names = {n.name for n in function.node_def}
-    call_name = f"{node.name}/remote_predict_lookup"
+    call_name = f"{gathers[0].name}/remote_predict_lookup"
     while call_name in names:
         call_name += "_"
     call = function.node_def.add()
     call.name = call_name
     call.op = "StatefulPartitionedCall"
-    call.input.extend([node.input[1], *(i for i in node.input if i.startswith("^"))])
-    call.attr["Tin"].list.type.append(index_dtype.as_datatype_enum)
-    call.attr["Tout"].list.type.append(dtype.as_datatype_enum)
+    controls = sorted({i for node in gathers for i in node.input if i.startswith("^")})
+    call.input.extend([*(node.input[1] for node in gathers), *controls])
+    call.attr["Tin"].list.type.extend(tf.as_dtype(node.attr["Tindices"].type).as_datatype_enum for node in gathers)
+    call.attr["Tout"].list.type.extend(dtype.as_datatype_enum for dtype in dtypes)
     call.attr["f"].func.name = lookup
     for name in ("config", "config_proto", "executor_type"):
         call.attr[name].s = b""
-    if "_output_shapes" in node.attr:
-        call.attr["_output_shapes"].CopyFrom(node.attr["_output_shapes"])
-    for name in list(node.attr):
-        if name != "_output_shapes":  # e.g. `_class` would colocate it with the table it no longer reads
-            del node.attr[name]
-    node.op = "Identity"
-    del node.input[:]
-    node.input.append(f"{call_name}:output:0")
-    node.attr["T"].type = dtype.as_datatype_enum
+    shapes = [node.attr["_output_shapes"].list.shape[0] for node in gathers if "_output_shapes" in node.attr]
+    if len(shapes) == len(gathers):
+        call.attr["_output_shapes"].list.shape.extend(shapes)
+    for index, (node, dtype) in enumerate(zip(gathers, dtypes, strict=True)):
+        for name in list(node.attr):
+            if name != "_output_shapes":  # e.g. `_class` would colocate it with the table it no longer reads
+                del node.attr[name]
+        node.op = "Identity"
+        del node.input[:]
+        node.input.append(f"{call_name}:output:{index}")
+        node.attr["T"].type = dtype.as_datatype_enum

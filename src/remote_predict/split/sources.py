@@ -6,8 +6,10 @@ for a set of table plans, and write the unsplit model for comparisons.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -33,7 +35,8 @@ class ModelSource(Protocol):
 
 
 class KerasSource:
-    """A `.keras` file: the master is the model rebuilt with ShardedEmbedding layers."""
+    """A `.keras` file: the master is the model rebuilt with one-row stand-ins for its sharded tables,
+    exported, and rewritten as an exported SavedModel is (`SavedModelSource.write_master`)."""
 
     def __init__(self, path: str):
         self.archive = KerasArchive(path)
@@ -55,7 +58,13 @@ class KerasSource:
         return {}  # an Embedding layer's table is only ever gathered from
 
     def write_master(self, path: str, plans: Sequence[models.TablePlan], version: int, deadline_ms: int) -> None:
-        writers.write_keras(path, models.master_model(self.archive, plans, version, deadline_ms))
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".master-export-") as scratch:
+            export = os.path.join(scratch, "export")
+            writers.write_keras(export, models.master_model(self.archive, plans))
+            wrapped = [dataclasses.replace(plan, wrap_negative=True) for plan in plans]
+            SavedModelSource(export).write_master(path, wrapped, version, deadline_ms)
 
     def write_unsplit(self, path: str) -> None:
         writers.write_keras(path, models.unsplit_model(self.archive))

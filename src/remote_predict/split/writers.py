@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from remote_predict.split.partition import Partition
-from remote_predict.split.sharded_embedding import EMBEDDINGS, IDS
+from remote_predict.op.lookup import LOOKUP_SIGNATURE
+from remote_predict.op.partition import Partition
 
 CHUNK_BYTES = 32 << 20  # rows are read from the table this many bytes at a time
 
@@ -61,41 +62,61 @@ def shard_chunks(table, partition: Partition, shard: int,
         progress(min(1.0, (first + chunk) / partition.rows))
 
 
-def write_shard(path: str, rows: int, dim: int, dtype: np.dtype, chunks: Iterable[tuple[int, np.ndarray]]) -> None:
-    """A SavedModel with signature `lookup` (ids -> embeddings) over a table that is never whole in memory.
+@dataclass
+class ShardTable:
+    """One table's part of a shard: `rows` x `dim` values, arriving as (first local row, rows) chunks."""
 
-    Each chunk is saved as a slice of the variable `table` (SaveV2 with a slice spec, as TensorFlow saves
+    name: str
+    rows: int
+    dim: int
+    dtype: np.dtype
+    chunks: Iterable[tuple[int, np.ndarray]]
+
+
+def write_shard(path: str, tables: Sequence[ShardTable]) -> None:
+    """A SavedModel with signature `lookup`: for each table, ids (int64 [n]) in, its rows ([n, dim]) out,
+    both under the table's name, over tables that are never whole in memory.
+
+    Each chunk is saved as a slice of its table's variable (SaveV2 with a slice spec, as TensorFlow saves
     partitioned variables), the slices are merged into one checkpoint, and the graph is written beside
-    it; loading the SavedModel restores the whole table from the slices.
+    it: loading the SavedModel restores each whole table from its slices, and remote-predict's server
+    reads the rows straight from those slices (`serving/rows_servable.py`).
     """
     v1 = tf.compat.v1
-    tf_dtype = tf.as_dtype(dtype)
     with atomic_directory(path) as scratch:
         variables = os.path.join(scratch, "variables")
         os.makedirs(variables)
         parts = []
-        for start, values in chunks:
-            prefix = os.path.join(variables, f"part-{len(parts):06d}")
-            tf.raw_ops.SaveV2(prefix=prefix, tensor_names=["table"], tensors=[tf.constant(values, tf_dtype)],
-                              shape_and_slices=[f"{rows} {dim} {start},{len(values)}:-"])
-            parts.append(prefix)
-        if not parts:  # an empty shard (more shards than rows)
-            prefix = os.path.join(variables, "part-000000")
-            tf.raw_ops.SaveV2(prefix=prefix, tensor_names=["table"], shape_and_slices=[""],
-                              tensors=[tf.zeros([0, dim], tf_dtype)])
-            parts.append(prefix)
-        merged = os.path.join(variables, "variables")
-        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts, destination_prefix=merged)
+        for table in tables:
+            tf_dtype = tf.as_dtype(table.dtype)
+            written = 0
+            for start, values in table.chunks:
+                prefix = os.path.join(variables, f"part-{len(parts):06d}")
+                tf.raw_ops.SaveV2(prefix=prefix, tensor_names=[table.name], tensors=[tf.constant(values, tf_dtype)],
+                                  shape_and_slices=[f"{table.rows} {table.dim} {start},{len(values)}:-"])
+                parts.append(prefix)
+                written += len(values)
+            if not written:  # an empty shard of this table (more shards than rows)
+                prefix = os.path.join(variables, f"part-{len(parts):06d}")
+                tf.raw_ops.SaveV2(prefix=prefix, tensor_names=[table.name], shape_and_slices=[""],
+                                  tensors=[tf.zeros([0, table.dim], tf_dtype)])
+                parts.append(prefix)
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts,
+                                      destination_prefix=os.path.join(variables, "variables"))
+        inputs, outputs = {}, {}
         with tf.Graph().as_default() as graph:
-            table = v1.get_variable("table", shape=[rows, dim], dtype=tf_dtype, trainable=False, use_resource=False,
-                                    initializer=v1.zeros_initializer())
-            ids = v1.placeholder(tf.int64, [None], name=IDS)
-            embeddings = tf.gather(table, ids, name=EMBEDDINGS)
-            saver = v1.train.Saver([table])
-            signature = v1.saved_model.signature_def_utils.predict_signature_def({IDS: ids}, {EMBEDDINGS: embeddings})
+            variables_ = []
+            for table in tables:
+                variable = v1.get_variable(table.name, shape=[table.rows, table.dim], dtype=tf.as_dtype(table.dtype),
+                                           trainable=False, use_resource=False, initializer=v1.zeros_initializer())
+                inputs[table.name] = v1.placeholder(tf.int64, [None], name=f"{table.name}_ids")
+                outputs[table.name] = tf.gather(variable, inputs[table.name], name=f"{table.name}_rows")
+                variables_.append(variable)
+            saver = v1.train.Saver(variables_)
+            signature = v1.saved_model.signature_def_utils.predict_signature_def(inputs, outputs)
             meta_graph = v1.train.export_meta_graph(graph=graph, saver_def=saver.as_saver_def())
         meta_graph.meta_info_def.tags.append("serve")
-        meta_graph.signature_def["lookup"].CopyFrom(signature)
+        meta_graph.signature_def[LOOKUP_SIGNATURE].CopyFrom(signature)
         meta_graph.signature_def["serving_default"].CopyFrom(signature)
         saved_model = saved_model_pb2.SavedModel(saved_model_schema_version=1, meta_graphs=[meta_graph])
         with open(os.path.join(scratch, "saved_model.pb"), "wb") as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 
 STRATEGIES = ("mod", "div")
 
@@ -43,7 +42,7 @@ class Partition:
         return shard * self._per_shard + min(shard, self._extras)
 
     def assign(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard, local index) of each id, in numpy (for checks and tests)."""
+        """(shard, local index) of each id (int64 numpy arrays; ids already known to be in range)."""
         ids = np.asarray(ids, np.int64)
         if self.strategy == "mod":
             return ids % self.shards, ids // self.shards
@@ -52,18 +51,4 @@ class Partition:
         low = ids < edge
         shard = np.where(low, ids // big, self._extras + (ids - edge) // max(self._per_shard, 1))
         local = np.where(low, ids % big, (ids - edge) % max(self._per_shard, 1))
-        return shard, local
-
-    def assign_tf(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The same, as graph ops on an int64 tensor of ids already known to be in range."""
-        n = tf.constant(self.shards, tf.int64)
-        if self.strategy == "mod":
-            return ids % n, ids // n
-        big = tf.constant(self._per_shard + 1, tf.int64)
-        small = tf.constant(max(self._per_shard, 1), tf.int64)
-        extras = tf.constant(self._extras, tf.int64)
-        edge = extras * big
-        low = ids < edge
-        shard = tf.where(low, ids // big, extras + (ids - edge) // small)
-        local = tf.where(low, ids % big, (ids - edge) % small)
         return shard, local

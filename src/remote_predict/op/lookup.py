@@ -1,0 +1,218 @@
+"""A sharded-table lookup: the one op a split master runs for every step of lookups it makes.
+
+A split master replaces each gather from a sharded table with this op. Gathers whose ids do not depend
+on each other (a recommender's user and item lookups) become one node, so a request crosses into Python
+once per step, not once per table or shard, and each shard server gets one call per request, whatever
+the number of tables it holds. In one pass, in numpy:
+
+1. each input's ids are checked (negative ids counted from the end first where the model did that,
+   as Keras' Embedding), with the gather's own INVALID_ARGUMENT message: `indices[i,j] = v is not in
+   [0, n)`;
+2. per table, the distinct ids (all inputs of that table together) are found once;
+3. each shard gets the ids it holds, as local row numbers (`partition`), one tensor per table, in one
+   Predict (`lookup` signature) to its server; every shard is called at once (`fanout`);
+4. rows come back in the order asked and are stitched into each input's shape.
+
+The answer equals `tf.gather(table, ids)` bit for bit: the rows are the table's own bytes, never computed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import predict_pb2
+
+from remote_predict import tensor_codec
+from remote_predict.errors import Code, ServingError
+from remote_predict.op import fanout, pyfunc_registry, request_context, tokens
+from remote_predict.op.errors import RemotePredictError
+from remote_predict.op.partition import STRATEGIES, Partition
+from remote_predict.op.runtime import CallRecord, OpRuntime, runtime_for
+
+LOOKUP_SIGNATURE = "lookup"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str  # the alias of its ids and rows in a shard's `lookup` signature
+    rows: int
+    dim: int
+    dtype: int  # DataType of the rows
+    strategy: str  # "mod" or "div", as tf.nn.embedding_lookup
+    wrap_negative: bool = False  # count negative ids from the end first (Keras' Embedding does)
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    tables: tuple[TableSpec, ...]
+    inputs: tuple[int, ...]  # for each input of the op, the index of its table (a table may be read twice)
+    targets: tuple[str, ...]  # shard k's server
+    models: tuple[str, ...]  # shard k's model on it
+    version: int  # the shard models' version (a master of version N calls shards of version N)
+    deadline_ms: int
+
+    def __post_init__(self) -> None:
+        if not self.tables or not self.inputs or not self.targets or len(self.targets) != len(self.models):
+            raise ValueError("a lookup needs tables, inputs, and one model per shard target")
+        if any(not 0 <= i < len(self.tables) for i in self.inputs):
+            raise ValueError("lookup inputs must name tables of the lookup")
+        if len({t.name for t in self.tables}) != len(self.tables):
+            raise ValueError("lookup tables must have distinct names")
+        for table in self.tables:
+            if table.strategy not in STRATEGIES or table.rows < 1 or table.dim < 1:
+                raise ValueError(f"lookup table {table.name!r} is malformed")
+            if table.dtype not in types_pb2.DataType.values() or table.dtype == types_pb2.DT_STRING:
+                raise ValueError(f"lookup table {table.name!r} has an unsupported dtype")
+        if self.deadline_ms <= 0:
+            raise ValueError("deadline_ms must be positive")
+
+    def to_token(self) -> str:
+        return tokens.make(tokens.LOOKUP, json.dumps(asdict(self), sort_keys=True, separators=(",", ":")))
+
+    @classmethod
+    def from_token(cls, token: str) -> LookupConfig:
+        """Parse a token (bound or not); ValueError for anything but exactly this schema."""
+        kind, _, payload = tokens.split(token)
+        if kind != tokens.LOOKUP:
+            raise ValueError("not a lookup token")
+        try:
+            fields = json.loads(payload)
+            if not isinstance(fields, dict) or set(fields) != set(cls.__dataclass_fields__):
+                raise ValueError(f"expected keys {sorted(cls.__dataclass_fields__)}")
+            tables = fields.pop("tables")
+            if not isinstance(tables, list):
+                raise ValueError("tables must be a list")
+            specs = []
+            for table in tables:
+                if not isinstance(table, dict) or set(table) != set(TableSpec.__dataclass_fields__):
+                    raise ValueError(f"a table needs keys {sorted(TableSpec.__dataclass_fields__)}")
+                specs.append(TableSpec(**table))
+            for name in ("inputs", "targets", "models"):
+                if not isinstance(fields[name], list):
+                    raise ValueError(f"{name} must be a list")
+                fields[name] = tuple(fields[name])
+            return cls(tables=tuple(specs), **fields)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"malformed lookup token: {e}") from None
+
+    @property
+    def output_dtypes(self) -> list[int]:
+        return [self.tables[i].dtype for i in self.inputs]
+
+
+def _checked_ids(table: TableSpec, ids: np.ndarray) -> np.ndarray:
+    """The ids as int64 row numbers, or the gather's own error for the first one out of range."""
+    flat = ids.reshape(-1).astype(np.int64, copy=False)
+    if table.wrap_negative:
+        flat = np.where(flat < 0, flat + table.rows, flat)
+    bad = (flat < 0) | (flat >= table.rows)
+    if bad.any():
+        first = int(np.argmax(bad))
+        where = ",".join(str(int(i)) for i in np.unravel_index(first, ids.shape)) if ids.ndim else ""
+        raise ServingError(Code.INVALID_ARGUMENT, f"indices[{where}] = {flat[first]} is not in [0, {table.rows})")
+    return flat
+
+
+class _Table:
+    """One table's part of a lookup: its distinct ids, where each lives, and the rows as they arrive."""
+
+    def __init__(self, spec: TableSpec, shards: int, flat_ids: list[np.ndarray]):
+        self.spec = spec
+        self.partition = Partition(spec.strategy, spec.rows, shards)
+        every = flat_ids[0] if len(flat_ids) == 1 else np.concatenate(flat_ids)
+        self.unique, self.inverse = np.unique(every, return_inverse=True)
+        self.shard_of, self.local = self.partition.assign(self.unique)
+        self.rows = np.empty((len(self.unique), spec.dim), tensor_codec.numpy_dtype(spec.dtype))
+
+    def ids_for(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        where = np.flatnonzero(self.shard_of == shard)
+        return where, self.local[where]
+
+
+class LookupKernel:
+    """The Python body of a lookup node: ids of each input -> rows of each input."""
+
+    def __init__(self, config: LookupConfig, runtime_id: int | None = None):
+        self.config = config
+        self.runtime_id = runtime_id
+        self.output_dtypes = config.output_dtypes
+
+    def __call__(self, *inputs):
+        try:
+            return self.lookup([np.asarray(t._numpy()) for t in inputs], runtime_for(self.runtime_id))
+        except ServingError as e:
+            raise RemotePredictError(e.code, e.message) from None
+
+    def lookup(self, inputs: Sequence[np.ndarray], runtime: OpRuntime) -> list[np.ndarray]:
+        config = self.config
+        shards = len(config.targets)
+        flat = [_checked_ids(config.tables[t], ids) for t, ids in zip(config.inputs, inputs, strict=True)]
+        used = sorted(set(config.inputs))
+        tables = {t: _Table(config.tables[t], shards, [f for f, i in zip(flat, config.inputs, strict=True) if i == t])
+                  for t in used}
+        calls, placements = [], []
+        for shard in range(shards):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = config.models[shard]
+            request.model_spec.signature_name = LOOKUP_SIGNATURE
+            if config.version >= 0:
+                request.model_spec.version.value = config.version
+            ids, where = {}, {}
+            for t, table in tables.items():
+                where[t], ids[table.spec.name] = table.ids_for(shard)
+            if not any(len(v) for v in ids.values()):
+                continue
+            request.output_filter.extend(ids)
+            calls.append(fanout.Call(config.targets[shard], request, ids))
+            placements.append((shard, where))
+        timeout = request_context.call_timeout(config.deadline_ms / 1000)
+        started = time.perf_counter()
+        results = fanout.predict_many(runtime, calls, timeout) if calls else []
+        for call, result, (shard, where) in zip(calls, results, placements, strict=True):
+            runtime.report(CallRecord(call.target, call.request.model_spec.name, result.code, result.message,
+                                      time.perf_counter() - started))
+            if result.code != Code.OK:
+                raise ServingError(result.code, f"lookup on shard {shard} ({call.request.model_spec.name} at "
+                                                f"{call.target}): {result.message}")
+            for t, table in tables.items():
+                rows = result.outputs.get(table.spec.name)
+                if rows is None or rows.shape != (len(where[t]), table.spec.dim) or rows.dtype != table.rows.dtype:
+                    got = "nothing" if rows is None else f"{rows.dtype} rows of shape {rows.shape}"
+                    raise ServingError(Code.INTERNAL, f"shard {shard} ({call.target}) answered {got} for "
+                                                      f"{len(where[t])} ids of table {table.spec.name!r}")
+                table.rows[where[t]] = rows
+        outputs, offsets = [], dict.fromkeys(used, 0)
+        for t, ids, f in zip(config.inputs, inputs, flat, strict=True):
+            table = tables[t]
+            inverse = table.inverse[offsets[t]:offsets[t] + len(f)]
+            offsets[t] += len(f)
+            outputs.append(table.rows[inverse].reshape((*ids.shape, table.spec.dim)))
+        return outputs
+
+
+def lookup_op(config: LookupConfig, ids: Sequence, name: str | None = None) -> list:
+    """The graph node (or, eagerly, the result): one rows tensor per ids tensor, shaped ids.shape + [dim]."""
+    import tensorflow as tf
+
+    rows = pyfunc_registry.eager_py_func(list(ids), config.to_token(),
+                                         [tf.as_dtype(d) for d in config.output_dtypes], name=name)
+    for tensor, t, i in zip(rows, config.inputs, ids, strict=True):
+        if isinstance(tensor, tf.Tensor) and not tf.executing_eagerly():
+            tensor.set_shape(tf.TensorShape(i.shape).concatenate([config.tables[t].dim]))
+    return rows
+
+
+def _resolve(token: str):
+    import tensorflow as tf
+
+    _, runtime_id, _ = tokens.split(token)
+    kernel = LookupKernel(LookupConfig.from_token(token), runtime_id)
+    return kernel, [tf.as_dtype(d) for d in kernel.output_dtypes]
+
+
+pyfunc_registry.register_resolver(tokens.LOOKUP, _resolve)
