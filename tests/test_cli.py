@@ -43,6 +43,10 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     (["serve", "--model_base_path=/does/not/exist", "--port=0"], 1,
      "Could not find base path /does/not/exist for servable default"),
     (["serve", "--model_config_file=/no/such/config.txt"], 1, "Cannot read '/no/such/config.txt'"),
+    (["serve", "--model_base_path=/x", "--num_tflite_interpreters_per_pool=4"], 2,
+     "--num_tflite_interpreters_per_pool=4: TF Serving's splitting of one request's batch over several TFLite "
+     "interpreters is not implemented"),
+    (["serve", "--model_base_path=/x", "--num_tflite_pools=-1"], 2, "--num_tflite_pools must be >= 0"),
     (["frobnicate"], 2, "unknown command 'frobnicate'"),
 ])
 def test_refusals_name_the_problem(capsys, args, code, message):
@@ -52,7 +56,8 @@ def test_refusals_name_the_problem(capsys, args, code, message):
 
 
 def test_version_and_defaults_accepted(capsys):
-    returncode, out, _ = run_main(capsys, "serve", "--model_base_path=/x", "--enable_profiler=true", "--version")
+    returncode, out, _ = run_main(capsys, "serve", "--model_base_path=/x", "--enable_profiler=true",
+                                  "--num_tflite_interpreters_per_pool=1", "--version")
     assert returncode == 0 and "remote-predict" in out
 
 

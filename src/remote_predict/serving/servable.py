@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +23,9 @@ from tensorflow.python.saved_model import loader_impl
 from remote_predict.errors import Code, ServingError, failed_precondition
 from remote_predict.op import graph_compat
 from remote_predict.op.errors import error_from_tf
+
+if TYPE_CHECKING:
+    from remote_predict.serving.tflite_servable import TfLiteServable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ class LoadOptions:
     # Threads for models that contain RemotePredict ops: those threads mostly wait on the network.
     remote_predict_threads: int = 64
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests after loading
+    prefer_tflite_model: bool = False  # serve a version's model.tflite when it has one (tflite_servable.py)
+    tflite_interpreters: int = 1  # interpreters per TFLite version: the requests it runs at once
 
 
 def _tensor_specs(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> dict[str, TensorSpec]:
@@ -167,14 +173,22 @@ class Servable:
         self.session.close()
 
 
-def load(name: str, version: int, path: str, options: LoadOptions) -> Servable:
-    """Load a version directory; raises ServingError with a message that names the path."""
+def load(name: str, version: int, path: str, options: LoadOptions) -> Servable | TfLiteServable:
+    """Load a version directory (a SavedModel, or its model.tflite when preferred); raises ServingError with a
+    message that names the path."""
     if not os.path.isdir(path):
         raise ServingError(Code.NOT_FOUND, f"SavedModel directory {path} does not exist")
+    what = "SavedModel"
     try:
+        if options.prefer_tflite_model:
+            from remote_predict.serving import tflite_servable  # TFLite machinery only for those who ask
+
+            if tflite_servable.has_tflite_model(path):
+                what = "TFLite model"
+                return tflite_servable.TfLiteServable(name, version, path, options.tflite_interpreters)
         return Servable(name, version, path, options)
     except ServingError:
         raise
     except Exception as e:  # a corrupt model can fail in any layer of TF; report, never crash
         detail = getattr(e, "message", None) or str(e) or type(e).__name__
-        raise ServingError(Code.FAILED_PRECONDITION, f"Failed to load SavedModel at {path}: {detail}") from e
+        raise ServingError(Code.FAILED_PRECONDITION, f"Failed to load {what} at {path}: {detail}") from e

@@ -135,6 +135,8 @@ class ModelServer:
             inter_op_threads=options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism,
             remote_predict_threads=options.remote_predict_threads,
             warmup=options.enable_model_warmup,
+            prefer_tflite_model=options.prefer_tflite_model,
+            tflite_interpreters=max(1, options.num_tflite_pools),  # TF Serving: 0 means one
         )
         self.manager = ModelManager(
             ManagerOptions(
