@@ -8,3 +8,4 @@ TENSOR_CONTENT_METADATA = ((TENSOR_ENCODING_KEY, TENSOR_CONTENT),)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+PROFILER_SERVICE = "tensorflow.ProfilerService"  # TensorFlow's, served on the gRPC port as TF Serving does

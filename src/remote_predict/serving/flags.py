@@ -55,6 +55,7 @@ class ServerOptions:
     monitoring_config_file: str = ""
     prefer_tflite_model: bool = False
     num_tflite_pools: int = _CPUS
+    enable_profiler: bool = True
     # --- remote-predict flags -----------------------------------------------------------------
     host: str = "0.0.0.0"
     remote_predict_allowed_targets: str = ""
@@ -101,6 +102,8 @@ _HELP = {
     "prefer_tflite_model": "serve a version directory's model.tflite (TensorFlow Lite) instead of its SavedModel; "
                            "versions without one are served from their SavedModel",
     "num_tflite_pools": "TFLite interpreters per loaded TFLite version: the requests it runs at once (0: one)",
+    "enable_profiler": "serve tensorflow.ProfilerService on the gRPC port (for tf.profiler.experimental.client."
+                       "trace); TensorFlow's profiler server starts on the first profiling call",
     "host": "(remote-predict) address to bind; 127.0.0.1 for loopback only",
     "remote_predict_allowed_targets": "(remote-predict) comma-separated host:port globs RemotePredict ops may "
                                       "call (empty: any)",
@@ -128,7 +131,6 @@ UNSUPPORTED_DEFAULTS = {
     "num_tflite_interpreters": "1",
     "enable_signature_method_name_check": "false",
     "xla_cpu_compilation_enabled": "false",
-    "enable_profiler": "true",
     "remove_unused_fields_from_bundle_metagraph": "true",
     "thread_pool_factory_config_file": "",
     "mixed_precision": "",
