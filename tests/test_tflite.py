@@ -230,3 +230,25 @@ def test_corrupt_tflite_model_fails_its_load_with_the_reason(server, models):
     code, _ = rpc_error(lambda: server.predict("corrupt", {"x": np.array([1.0], np.float32)}))
     assert code == grpc.StatusCode.NOT_FOUND
     assert json_format.MessageToDict(metadata(server, "tflite"))  # the others still serve
+
+
+def test_batching_merges_requests_for_a_tflite_model(models, tmp_path):
+    """The batcher runs merged batches through the same interface; each request gets its own rows back."""
+    config = write_config(tmp_path / "one.config", {"tflite": models["tflite"]})
+    with InProcessServer(f"--model_config_file={config}", "--prefer_tflite_model=true", "--enable_batching",
+                         "--file_system_poll_wait_seconds=0", rest=False) as s:
+        errors: list[str] = []
+
+        def client(worker: int) -> None:
+            for i in range(10):
+                x = np.array([[float(worker)], [float(i)]], np.float32)
+                y = tf.make_ndarray(s.predict("tflite", {"x": x}).outputs["y"])
+                if y.tolist() != (0.5 * x + 2).tolist():
+                    errors.append(f"{x.tolist()} -> {y.tolist()}")
+
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
