@@ -38,10 +38,15 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     (["serve"], 2, "Both server_model_base_path and model_config_file are empty"),
     (["serve", "--model_base_path=/x", "--port=8500", "--rest_api_port=8500"], 2, "cannot be the same"),
     (["serve", f"--model_config_file={TESTDATA / 'bad_model_config.txt'}"], 1,
-     f"Invalid protobuf file: '{TESTDATA / 'bad_model_config.txt'}'"),
+     f"Invalid protobuf file: '{TESTDATA / 'bad_model_config.txt'}': Error parsing text-format "
+     "tensorflow.serving.ModelServerConfig: 1:1: "),
     (["serve", "--model_base_path=/does/not/exist", "--port=0"], 1,
      "Could not find base path /does/not/exist for servable default"),
     (["serve", "--model_config_file=/no/such/config.txt"], 1, "Cannot read '/no/such/config.txt'"),
+    (["serve", "--model_base_path=/x", "--num_tflite_interpreters_per_pool=4"], 2,
+     "--num_tflite_interpreters_per_pool=4: TF Serving's splitting of one request's batch over several TFLite "
+     "interpreters is not implemented"),
+    (["serve", "--model_base_path=/x", "--num_tflite_pools=-1"], 2, "--num_tflite_pools must be >= 0"),
     (["frobnicate"], 2, "unknown command 'frobnicate'"),
 ])
 def test_refusals_name_the_problem(capsys, args, code, message):
@@ -51,8 +56,19 @@ def test_refusals_name_the_problem(capsys, args, code, message):
 
 
 def test_version_and_defaults_accepted(capsys):
-    returncode, out, _ = run_main(capsys, "serve", "--model_base_path=/x", "--enable_profiler=true", "--version")
+    returncode, out, _ = run_main(capsys, "serve", "--model_base_path=/x", "--enable_profiler=true",
+                                  "--num_tflite_interpreters_per_pool=1", "--version")
     assert returncode == 0 and "remote-predict" in out
+
+
+def test_bad_config_file_gets_tf_serving_wording_with_line_and_column(tmp_path):
+    """TF Serving's test reads the server's stderr for this phrase; the line and column say where."""
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list {\n  config { name: "a" base_path: "/x"\n    bogus: 1 }\n}\n')
+    result = run_cli("serve", f"--model_config_file={config}", "--port=0")
+    assert result.returncode == 1
+    assert (f"Invalid protobuf file: '{config}': Error parsing text-format tensorflow.serving.ModelServerConfig: "
+            '3:5: Message type "tensorflow.serving.ModelConfig" has no field named "bogus".') in result.stderr
 
 
 def test_tf_serving_config_file_unix_socket_and_sigterm(tmp_path):

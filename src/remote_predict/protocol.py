@@ -11,3 +11,4 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 # W3C trace context (https://www.w3.org/TR/trace-context/): carried from a request to its RemotePredict calls.
 TRACE_HEADERS = ("traceparent", "tracestate")
+PROFILER_SERVICE = "tensorflow.ProfilerService"  # TensorFlow's, served on the gRPC port as TF Serving does

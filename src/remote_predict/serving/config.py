@@ -15,11 +15,25 @@ ModelServerConfig = model_server_config_pb2.ModelServerConfig
 M = TypeVar("M", bound=proto_message.Message)
 
 
+def parse_error_text(error: text_format.ParseError, message: proto_message.Message) -> str:
+    """TF Serving's wording (protobuf's C++ parser's): `Error parsing text-format <type>: <line>:<column>: ...`.
+
+    Scripts and tests written for TF Serving look for that phrase, so it is kept word for word.
+    """
+    detail = str(error)
+    line, column = error.GetLine(), error.GetColumn()
+    if line is not None:
+        where = f"{line}:{column}" if column is not None else f"{line}"
+        detail = detail.removeprefix(f"{where} : ")
+        return f"Error parsing text-format {message.DESCRIPTOR.full_name}: {where}: {detail}"
+    return f"Error parsing text-format {message.DESCRIPTOR.full_name}: {detail}"
+
+
 def parse_text_proto(text: str, message: M, source: str) -> M:
     try:
         return text_format.Parse(text, message)
     except text_format.ParseError as e:
-        raise invalid_argument(f"Invalid protobuf file: '{source}': {e}") from None
+        raise invalid_argument(f"Invalid protobuf file: '{source}': {parse_error_text(e, message)}") from None
 
 
 def read_text_proto(path: str, message: M) -> M:

@@ -53,6 +53,9 @@ class ServerOptions:
     grpc_max_threads: int = 4 * _CPUS
     enable_model_warmup: bool = True
     monitoring_config_file: str = ""
+    prefer_tflite_model: bool = False
+    num_tflite_pools: int = _CPUS
+    enable_profiler: bool = True
     # --- remote-predict flags -----------------------------------------------------------------
     host: str = "0.0.0.0"
     remote_predict_allowed_targets: str = ""
@@ -100,6 +103,11 @@ _HELP = {
                         "those waiting on RemotePredict calls or for a batch to fill",
     "enable_model_warmup": "replay assets.extra/tf_serving_warmup_requests when a version loads",
     "monitoring_config_file": "text-format MonitoringConfig file: Prometheus metrics on the REST port",
+    "prefer_tflite_model": "serve a version directory's model.tflite (TensorFlow Lite) instead of its SavedModel; "
+                           "versions without one are served from their SavedModel",
+    "num_tflite_pools": "TFLite interpreters per loaded TFLite version: the requests it runs at once (0: one)",
+    "enable_profiler": "serve tensorflow.ProfilerService on the gRPC port (for tf.profiler.experimental.client."
+                       "trace); TensorFlow's profiler server starts on the first profiling call",
     "host": "(remote-predict) address to bind; 127.0.0.1 for loopback only",
     "remote_predict_allowed_targets": "(remote-predict) comma-separated host:port globs RemotePredict ops may "
                                       "call (empty: any)",
@@ -134,13 +142,10 @@ _HELP = {
 UNSUPPORTED_DEFAULTS = {
     "platform_config_file": "",
     "per_process_gpu_memory_fraction": "0",
-    "prefer_tflite_model": "false",
-    "num_tflite_pools": "1",
     "num_tflite_interpreters_per_pool": "1",
     "num_tflite_interpreters": "1",
     "enable_signature_method_name_check": "false",
     "xla_cpu_compilation_enabled": "false",
-    "enable_profiler": "true",
     "remove_unused_fields_from_bundle_metagraph": "true",
     "thread_pool_factory_config_file": "",
     "mixed_precision": "",
@@ -148,6 +153,12 @@ UNSUPPORTED_DEFAULTS = {
     "skip_initialize_tpu": "false",
     "enable_grpc_healthcheck_service": "false",
     "tensorflow_intra_op_parallelism_threads": "0",
+}
+# Why a refused flag is refused, where more can be said than "not supported".
+_REFUSAL_REASONS = {
+    "num_tflite_interpreters_per_pool": "TF Serving's splitting of one request's batch over several TFLite "
+                                        "interpreters is not implemented; --num_tflite_pools sets how many "
+                                        "requests run at once",
 }
 
 
@@ -190,8 +201,9 @@ def parse(argv: list[str]) -> tuple[ServerOptions, bool]:
     for name, default in UNSUPPORTED_DEFAULTS.items():
         value = getattr(namespace, name)
         if value is not None and not _same_as_default(value, default):
-            raise FlagError(f"--{name}={value}: this tensorflow_model_server flag is not supported by "
-                            "remote-predict yet")
+            reason = _REFUSAL_REASONS.get(
+                name, "this tensorflow_model_server flag is not supported by remote-predict yet")
+            raise FlagError(f"--{name}={value}: {reason}")
     options = ServerOptions(**{f.name: getattr(namespace, f.name) for f in fields(ServerOptions)})
     validate(options)
     return options, namespace.version
@@ -224,6 +236,8 @@ def validate(options: ServerOptions) -> None:
     for name in positive:
         if getattr(options, name) <= 0:
             raise FlagError(f"--{name} must be positive")
+    if options.num_tflite_pools < 0:
+        raise FlagError("--num_tflite_pools must be >= 0")
     if options.remote_predict_max_inflight_per_target < 0:
         raise FlagError("--remote_predict_max_inflight_per_target must be >= 0")
     if options.drain_timeout_seconds < 0:

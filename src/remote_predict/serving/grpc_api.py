@@ -36,6 +36,7 @@ from remote_predict.protocol import (
 )
 from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.metrics import ServerMetrics
+from remote_predict.serving.profiler import profiler_handler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,7 +165,9 @@ def build_server(
     on_reload: Callable,
     max_threads: int,
     channel_arguments: list[tuple[str, object]],
+    profiler: bool = True,
 ) -> tuple[grpc.Server, health.HealthServicer]:
+    """The gRPC server; `profiler` adds TF Serving's ProfilerService (see profiler.py)."""
     # TF Serving's defaults (messages up to 2 GiB), then --grpc_channel_arguments, which win.
     defaults = {"grpc.max_receive_message_length": (1 << 31) - 1, "grpc.max_send_message_length": (1 << 31) - 1,
                 "grpc.so_reuseport": 0}
@@ -177,6 +180,8 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if profiler:
+        server.add_generic_rpc_handlers([profiler_handler()])
     return server, health_servicer
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +25,9 @@ from tensorflow.python.saved_model import loader_impl
 from remote_predict.errors import Code, ServingError, failed_precondition
 from remote_predict.op import graph_compat
 from remote_predict.op.errors import error_from_tf
+
+if TYPE_CHECKING:
+    from remote_predict.serving.tflite_servable import TfLiteServable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ class LoadOptions:
     warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests after loading
     runtime_id: int | None = None  # the OpRuntime this server's RemotePredict ops use (see op/tokens.py)
     lookup_fast_path: bool = True  # serve row-gathering shards from their checkpoint (rows_servable.py)
+    prefer_tflite_model: bool = False  # serve a version's model.tflite when it has one (tflite_servable.py)
+    tflite_interpreters: int = 1  # interpreters per TFLite version: the requests it runs at once
 
 
 def tensor_specs(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> dict[str, TensorSpec]:
@@ -199,11 +205,19 @@ class Servable:
         self.session.close()
 
 
-def load(name: str, version: int, path: str, options: LoadOptions) -> Servable:
-    """Load a version directory; raises ServingError with a message that names the path."""
+def load(name: str, version: int, path: str, options: LoadOptions) -> Servable | TfLiteServable:
+    """Load a version directory (a SavedModel, or its model.tflite when preferred); raises ServingError with a
+    message that names the path."""
     if not os.path.isdir(path):
         raise ServingError(Code.NOT_FOUND, f"SavedModel directory {path} does not exist")
+    what = "SavedModel"
     try:
+        if options.prefer_tflite_model:
+            from remote_predict.serving import tflite_servable  # TFLite machinery only for those who ask
+
+            if tflite_servable.has_tflite_model(path):
+                what = "TFLite model"
+                return tflite_servable.TfLiteServable(name, version, path, options.tflite_interpreters)
         if options.lookup_fast_path:
             from remote_predict.serving import rows_servable
 
@@ -216,4 +230,4 @@ def load(name: str, version: int, path: str, options: LoadOptions) -> Servable:
         raise
     except Exception as e:  # a corrupt model can fail in any layer of TF; report, never crash
         detail = getattr(e, "message", None) or str(e) or type(e).__name__
-        raise ServingError(Code.FAILED_PRECONDITION, f"Failed to load SavedModel at {path}: {detail}") from e
+        raise ServingError(Code.FAILED_PRECONDITION, f"Failed to load {what} at {path}: {detail}") from e

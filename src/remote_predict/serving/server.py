@@ -155,6 +155,8 @@ class ModelServer:
             warmup=options.enable_model_warmup,
             runtime_id=self.runtime.id,
             lookup_fast_path=options.lookup_fast_path,
+            prefer_tflite_model=options.prefer_tflite_model,
+            tflite_interpreters=max(1, options.num_tflite_pools),  # TF Serving: 0 means one
         )
         self.manager = ModelManager(
             ManagerOptions(
@@ -209,7 +211,9 @@ class ModelServer:
     def _start_grpc(self, credentials: grpc.ServerCredentials | None) -> None:
         options = self.options
         self._grpc_server, self._health = grpc_api.build_server(
-            self.data_plane, self.metrics, self.reload, options.grpc_max_threads, channel_arguments(options))
+            data_plane=self.data_plane, metrics=self.metrics, on_reload=self.reload,
+            max_threads=options.grpc_max_threads, channel_arguments=channel_arguments(options),
+            profiler=options.enable_profiler)
         address = f"{options.host}:{options.port}" if ":" not in options.host else f"[{options.host}]:{options.port}"
         try:
             if credentials is None:
