@@ -68,10 +68,10 @@ def test_the_tcp_port_refuses_garbage_and_keeps_serving(tmp_path):
             sock.sendall(frames.HEADER.pack(frames.MAGIC, frames.PREDICT, 0, 0, 0, 0, 1 << 30) + b"0123456789")
         with _raw(port) as sock:  # a well-framed body that is not a PredictRequest: an error answer, kept open
             frames.send(sock, frames.encode(frames.PREDICT, 1000, b"", b"\xff\xff\xff"))
-            _, code, message, _ = frames.read(sock)
+            _, code, message, _ = frames.FrameReader().read(sock)
             assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and b"malformed" in message
             frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
-            assert frames.read(sock)[1] == 0
+            assert frames.FrameReader().read(sock)[1] == 0
         assert float_val(master.predict("remote", {"x": np.array([[2.0]], np.float32)}), "y").tolist() == [[3.0]]
 
 
@@ -80,10 +80,10 @@ def test_health_frames_say_serving_then_draining():
     sock = _raw(leaf.server.tcp_port)
     try:
         frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
-        assert frames.read(sock)[1] == 0
+        assert frames.FrameReader().read(sock)[1] == 0
         leaf.server._tcp.draining = True  # what stop() does first
         frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
-        assert frames.read(sock)[1] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert frames.FrameReader().read(sock)[1] == grpc.StatusCode.UNAVAILABLE.value[0]
     finally:
         sock.close()
         leaf.stop()
@@ -169,4 +169,5 @@ def test_replicas_cover_for_a_killed_and_for_a_hung_replica(tmp_path):
     assert not counts(outcomes).get("WRONG"), summary
     assert set(counts(outcomes, since=killed_at)) == {"OK"}, summary  # nothing failed, through both faults
     during_stop = [o for o in outcomes if stopped_at <= o.started < continued_at]
-    assert during_stop and max(o.seconds for o in during_stop) < 0.5, summary  # re-sent well within the deadline
+    # Re-sent well within the 2 s deadline (detection takes at most a quarter of it).
+    assert during_stop and max(o.seconds for o in during_stop) < 1.0, summary

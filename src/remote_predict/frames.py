@@ -12,6 +12,7 @@ then may reuse the connection. A frame is a fixed header, then `meta` bytes, the
 
     magic "RPF1" | kind u8 | flags u8 | reserved u16 | value u32 | meta length u32 | body length u32
 
+A connection is read through a `FrameReader` (one `recv` for a whole small frame).
 Request frames: kind PREDICT (body: a serialized PredictRequest; value: the call's timeout in ms, 0 for
 none; meta: JSON object of call metadata such as W3C `traceparent`) or HEALTH (no body). Answer frames
 echo the kind; value is the canonical status code (0 = OK), meta the error message (UTF-8), body a
@@ -66,57 +67,102 @@ def decode_meta(meta: bytes) -> dict[str, str]:
 
 
 def send(sock: socket.socket, parts: list) -> None:
-    """Write every part; `sendmsg` may write less than asked, so continue where it stopped."""
-    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: the small parts as one record, then the rest
-        head = b"".join(bytes(p) for p in parts[:2])
-        sock.sendall(head)
-        for part in parts[2:]:
-            sock.sendall(part)
-        return
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        sent = sock.sendmsg(views)
-        while sent and views:
-            if sent >= views[0].nbytes:
-                sent -= views[0].nbytes
-                views.pop(0)
+    """Write a whole frame to a blocking socket."""
+    left = send_some(sock, views(parts))
+    if left:
+        raise BlockingIOError("the socket would block: use send_some on non-blocking sockets")
+
+
+def send_some(sock: socket.socket, pending: list[memoryview]) -> list[memoryview]:
+    """Write what the socket takes now (it may be non-blocking); returns what is left to write."""
+    pending = [v for v in pending if v.nbytes]
+    while pending:
+        try:
+            # (no sendmsg over TLS)
+            sent = sock.send(pending[0]) if isinstance(sock, ssl.SSLSocket) else sock.sendmsg(pending)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return pending
+        while sent and pending:
+            if sent >= pending[0].nbytes:
+                sent -= pending[0].nbytes
+                pending.pop(0)
             else:
-                views[0] = views[0][sent:]
+                pending[0] = pending[0][sent:]
                 sent = 0
+    return pending
 
 
-_FIRST_CHUNK = 1 << 20
+def views(parts: list) -> list[memoryview]:
+    return [memoryview(p).cast("B") for p in parts]
 
 
-def _read_exact(sock: socket.socket, size: int, first: bool = False) -> bytearray:
-    """`size` bytes. The buffer grows as bytes arrive (doubling from 1 MiB), so that a peer declaring a
-    huge frame and sending nothing makes us allocate nothing much."""
-    buffer = bytearray(min(size, _FIRST_CHUNK))
-    done = 0
-    while done < size:
-        if done == len(buffer):
-            buffer.extend(bytes(min(len(buffer), size - len(buffer))))
-        with memoryview(buffer) as view:
-            got = sock.recv_into(view[done:])
+_READ_CHUNK = 16 << 10
+
+
+class FrameReader:
+    """Frames from a connection, with one `recv` for a small frame (header, meta and body together).
+
+    `feed` reads what a non-blocking socket has and returns a frame once it is whole (else None);
+    `read` blocks until one is. The body is a view of the reader's buffer, which the reader then lets go
+    of (it starts a new one), so arrays made from the body need no copy. A buffer grows only as bytes
+    arrive: a peer declaring a huge frame and sending nothing makes us allocate nothing much.
+    """
+
+    def __init__(self, max_body: int = MAX_FRAME_BYTES):
+        self.max_body = max_body
+        self._buffer = bytearray(_READ_CHUNK)
+        self._have = 0
+        self._header: tuple | None = None
+
+    def _frame(self) -> tuple[int, int, bytes, memoryview] | None:
+        if self._header is None:
+            if self._have < HEADER.size:
+                return None
+            magic, kind, _, _, value, meta_size, body_size = HEADER.unpack_from(self._buffer)
+            if magic != MAGIC:
+                raise FrameError("not a remote-predict frame (bad magic): is this port a remote-predict --tcp_port?")
+            if kind not in KINDS:
+                raise FrameError(f"unknown frame kind {kind}")
+            if meta_size > _MAX_META_BYTES:
+                raise FrameError(f"frame metadata of {meta_size} bytes is larger than the limit of {_MAX_META_BYTES}")
+            if body_size > self.max_body:
+                raise FrameError(f"a frame body of {body_size} bytes is larger than the limit of {self.max_body}")
+            self._header = (kind, value, meta_size, body_size)
+        kind, value, meta_size, body_size = self._header
+        end = HEADER.size + meta_size + body_size
+        if self._have < end:
+            return None
+        buffer, have = self._buffer, self._have
+        self._buffer, self._have, self._header = bytearray(_READ_CHUNK), have - end, None
+        self._buffer[:self._have] = buffer[end:have]  # (nothing, unless the peer sent ahead)
+        view = memoryview(buffer)
+        return kind, value, bytes(view[HEADER.size:HEADER.size + meta_size]), view[HEADER.size + meta_size:end]
+
+    def _recv(self, sock: socket.socket) -> None:
+        if self._have == len(self._buffer):  # grow: to the frame's size once known, else doubling
+            wanted = HEADER.size + self._header[2] + self._header[3] if self._header else 2 * len(self._buffer)
+            self._buffer.extend(bytes(min(max(wanted, len(self._buffer) + 1) - len(self._buffer), len(self._buffer))))
+        with memoryview(self._buffer) as view:
+            got = sock.recv_into(view[self._have:])
         if not got:
-            if first and done == 0:
+            if self._have == 0:
                 raise EOFError("the peer closed the connection")
             raise FrameError("the connection closed in the middle of a frame")
-        done += got
-    return buffer
+        self._have += got
 
+    def feed(self, sock: socket.socket) -> tuple[int, int, bytes, memoryview] | None:
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                return frame
+            try:
+                self._recv(sock)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
 
-def read(sock: socket.socket, max_body: int = MAX_FRAME_BYTES) -> tuple[int, int, bytes, bytearray]:
-    """One frame: (kind, value, meta, body). Raises EOFError at a clean end between frames."""
-    magic, kind, _, _, value, meta_size, body_size = HEADER.unpack(_read_exact(sock, HEADER.size, first=True))
-    if magic != MAGIC:
-        raise FrameError("not a remote-predict frame (bad magic): is this port a remote-predict --tcp_port?")
-    if kind not in KINDS:
-        raise FrameError(f"unknown frame kind {kind}")
-    if meta_size > _MAX_META_BYTES:
-        raise FrameError(f"frame metadata of {meta_size} bytes is larger than the limit of {_MAX_META_BYTES}")
-    if body_size > max_body:
-        raise FrameError(f"a frame body of {body_size} bytes is larger than the limit of {max_body}")
-    meta = bytes(_read_exact(sock, meta_size)) if meta_size else b""
-    body = _read_exact(sock, body_size) if body_size else bytearray()
-    return kind, value, meta, body
+    def read(self, sock: socket.socket) -> tuple[int, int, bytes, memoryview]:
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                return frame
+            self._recv(sock)

@@ -77,9 +77,10 @@ class TcpServer:
                 with self._lock:  # the wrapped socket is the one to shut down on stop
                     self._connections.discard(conn)
                     self._connections.add(sock)
+            reader = frames.FrameReader()
             while True:
                 try:
-                    kind, value, meta, body = frames.read(sock)
+                    kind, value, meta, body = reader.read(sock)
                 except EOFError:
                     return
                 with self._lock:
@@ -100,7 +101,7 @@ class TcpServer:
                 self._connections.discard(sock)
             sock.close()
 
-    def _answer(self, kind: int, value: int, meta: bytes, body: bytearray) -> list:
+    def _answer(self, kind: int, value: int, meta: bytes, body: memoryview) -> list:
         if kind == frames.HEALTH:
             code = Code.UNAVAILABLE if self.draining else Code.OK
             return frames.encode(kind, code, b"", b"")

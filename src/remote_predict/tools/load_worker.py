@@ -2,7 +2,9 @@
 
 Run as a script (`python load_worker.py`), never imported by the package: it needs only grpcio and
 aiohttp, so it starts fast and does not load TensorFlow. It reads one JSON job per line on stdin and
-answers one JSON result per line on stdout. Requests are pre-serialized bytes, sent as they are.
+answers one JSON result per line on stdout. Requests are pre-serialized bytes, sent as they are: one
+`body_b64`, or a pool `bodies_b64` taken in turn; with `expected_b64` (one per body), an answer whose bytes
+differ from the expected ones counts as WRONG, never as OK.
 """
 
 import asyncio
@@ -19,16 +21,19 @@ async def _grpc_clients(job: dict, record) -> None:
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(job["target"], options=options) as channel:
         call = channel.unary_unary(job["method"])  # bytes in, bytes out
-        body = base64.b64decode(job["body_b64"])
+        bodies = [base64.b64decode(b) for b in job.get("bodies_b64") or [job["body_b64"]]]
+        expected = [base64.b64decode(b) for b in job.get("expected_b64") or []]
         metadata = tuple(tuple(pair) for pair in job.get("metadata", ()))
         timeout = job["timeout"]
+        turn = iter(range(1 << 62))
 
         async def one() -> str:
+            i = next(turn) % len(bodies)
             try:
-                await call(body, timeout=timeout, metadata=metadata)
-                return "OK"
+                answer = await call(bodies[i], timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 return e.code().name
+            return "WRONG" if expected and answer != expected[i] else "OK"
 
         await _closed_loop(job, one, record)
 

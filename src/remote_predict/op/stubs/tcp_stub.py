@@ -4,8 +4,9 @@ What it does for a call, in the calling thread and without handing it to another
 
 * picks an endpoint that is up (`endpoints.choose`), takes one of its idle connections or connects
   (without blocking), and writes the request frame;
-* waits for the answer with `selectors`, together with every other call of the same fan-out (a master's
-  lookup sends each shard its frame, then waits for all of them at once);
+* waits for the answer with `poll`, together with every other call of the same fan-out (a master's
+  lookup sends each shard its frame, then waits for all of them at once), on non-blocking sockets (no
+  system call beyond the write, the wait and the read for a small call);
 * while it waits, applies the health rules of `endpoints`: a replica that stopped answering is
   ejected and the call is re-sent to another (the first answer wins, the other connection is closed);
   with `hedge_after_ms`, a call still unanswered then is also sent to another replica;
@@ -19,11 +20,11 @@ with HEALTH frames every `endpoints.PROBE_SECONDS` by one thread per runtime.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
+import math
 import os
-import selectors
+import select
 import socket
 import ssl
 import tempfile
@@ -112,7 +113,7 @@ class TcpStub:
             _close_all(gone)
 
     def connect(self, endpoint: endpoints.Endpoint) -> socket.socket:
-        """A new socket with a connect in progress (non-blocking)."""
+        """A new non-blocking socket with a connect in progress."""
         family, sockaddr, _ = self._sockaddrs[endpoint.address]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -123,24 +124,21 @@ class TcpStub:
         return sock
 
     def finish_connect(self, endpoint: endpoints.Endpoint, sock: socket.socket, timeout: float) -> socket.socket:
+        """The connected socket, non-blocking (TLS: after a handshake that blocks for up to `timeout`)."""
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(max(timeout, 0.001))
         if self.ssl is not None:
+            sock.settimeout(max(timeout, 0.001))
             sock = self.ssl.wrap_socket(sock, server_hostname=self._sockaddrs[endpoint.address][2])
+            sock.setblocking(False)
         return sock
 
     def take_idle(self, endpoint: endpoints.Endpoint) -> socket.socket | None:
-        while True:
-            with self.endpoints.lock:
-                if not endpoint.idle:
-                    return None
-                sock = endpoint.idle.pop()
-            if isinstance(sock, ssl.SSLSocket) or not _closed_by_peer(sock):
-                return sock
-            sock.close()
+        """An idle connection; one the server closed meanwhile shows itself by EOF and is retried fresh."""
+        with self.endpoints.lock:
+            return endpoint.idle.pop() if endpoint.idle else None
 
     def give_back(self, endpoint: endpoints.Endpoint, sock: socket.socket) -> None:
         with self.endpoints.lock:
@@ -174,7 +172,7 @@ class TcpStub:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock = self.ssl.wrap_socket(raw, server_hostname=host) if self.ssl is not None else raw
                 frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
-                _, code, _, _ = frames.read(sock)
+                _, code, _, _ = frames.FrameReader().read(sock)
                 return code == Code.OK
         except (OSError, frames.FrameError, EOFError):
             return False
@@ -185,30 +183,44 @@ class TcpStub:
             _close_all(endpoint)
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """An idle connection the server closed (it restarted) reads EOF at once; a live one has nothing."""
-    sock.settimeout(0)  # a socket with a timeout would first wait that long for something to read
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
 def _close_all(endpoint: endpoints.Endpoint) -> None:
     idle, endpoint.idle = endpoint.idle, []
     for sock in idle:
         sock.close()
 
 
+_IN, _OUT = select.POLLIN | select.POLLPRI, select.POLLOUT
+_GONE = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class _Poller:
+    """The sockets a fan-out waits on: `select.poll`, whose registrations cost no system call."""
+
+    def __init__(self) -> None:
+        self.poll = select.poll()
+        self.owners: dict[int, tuple[TcpCall, _Attempt]] = {}
+
+    def watch(self, call: TcpCall, attempt: _Attempt, mask: int) -> None:
+        fd = attempt.sock.fileno()
+        self.owners[fd] = (call, attempt)
+        self.poll.register(fd, mask)
+
+    def forget(self, attempt: _Attempt) -> None:
+        fd = attempt.fd
+        if self.owners.pop(fd, None) is not None:
+            self.poll.unregister(fd)
+
+
 class _Attempt:
-    __slots__ = ("connecting", "endpoint", "hedge", "reused", "sent_at", "sock")
+    __slots__ = ("connecting", "endpoint", "fd", "hedge", "pending", "reader", "reused", "sent_at", "sock")
 
     def __init__(self, endpoint: endpoints.Endpoint, sock: socket.socket, reused: bool, hedge: bool, now: float):
         self.endpoint, self.sock, self.reused, self.hedge = endpoint, sock, reused, hedge
+        self.fd = sock.fileno()
         self.connecting = not reused
         self.sent_at = now
+        self.pending: list[memoryview] = []  # what is left to write of the request frame
+        self.reader = frames.FrameReader()
 
 
 class TcpCall:
@@ -223,7 +235,7 @@ class TcpCall:
         self.failures: list[str] = []  # what went wrong where, for the final message
         self.code: Code | None = None
         self.message = ""
-        self.answer_body: bytearray | None = None
+        self.answer_body: memoryview | None = None
         self.endpoint = ""
         self.started = 0.0
         self.deadline = 0.0
@@ -256,23 +268,22 @@ class TcpCall:
         return wake
 
     # -- actions ---------------------------------------------------------------------------------
-    def finish(self, selector: selectors.BaseSelector, code: Code, message: str = "") -> None:
+    def finish(self, poller: _Poller, code: Code, message: str = "") -> None:
         self.code, self.message = code, message
         for attempt in list(self.attempts):
-            self._drop(selector, attempt, keep_connection=False)
+            self._drop(poller, attempt, keep_connection=False)
 
-    def _drop(self, selector: selectors.BaseSelector, attempt: _Attempt, keep_connection: bool) -> None:
+    def _drop(self, poller: _Poller, attempt: _Attempt, keep_connection: bool) -> None:
         self.attempts.remove(attempt)
         attempt.endpoint.waiting.pop(id(attempt), None)
         self.stub.endpoints.done(attempt.endpoint)
-        with contextlib.suppress(KeyError, ValueError):
-            selector.unregister(attempt.sock)
+        poller.forget(attempt)
         if keep_connection:
             self.stub.give_back(attempt.endpoint, attempt.sock)
         else:
             attempt.sock.close()
 
-    def start(self, selector: selectors.BaseSelector, now: float, hedge: bool = False,
+    def start(self, poller: _Poller, now: float, hedge: bool = False,
               same_endpoint: endpoints.Endpoint | None = None) -> bool:
         """Send an attempt to an endpoint not tried yet (or `same_endpoint`, on a fresh connection)."""
         stub = self.stub
@@ -295,38 +306,37 @@ class TcpCall:
         except OSError as e:
             stub.endpoints.done(endpoint)
             self._failed(endpoint, f"refused the connection ({e.strerror or e})", now)
-            return self.start(selector, now, hedge)
+            return self.start(poller, now, hedge)
         attempt = _Attempt(endpoint, sock, reused, hedge, now)
         self.attempts.append(attempt)
         endpoint.waiting[id(attempt)] = now
         if reused:
-            if not self._send(selector, attempt, now):
-                return self.start(selector, now, hedge, same_endpoint=endpoint)
+            if not self._send(poller, attempt, now):
+                return self.start(poller, now, hedge, same_endpoint=endpoint)
         else:
-            selector.register(sock, selectors.EVENT_WRITE, (self, attempt))
+            poller.watch(self, attempt, _OUT)
         if hedge:
             stub.runtime.event(stub.target, "hedge")
         return True
 
-    def _send(self, selector: selectors.BaseSelector, attempt: _Attempt, now: float) -> bool:
-        """Write the request frame; False if a reused connection turned out to be closed (try a fresh one)."""
-        timeout_ms = max(1, int((self.deadline - now) * 1000))
+    def _send(self, poller: _Poller, attempt: _Attempt, now: float) -> bool:
+        """Write the request frame (what fits now; the rest when writable). False if a reused connection
+        turned out to be closed (try a fresh one)."""
+        if not attempt.pending:
+            timeout_ms = max(1, int((self.deadline - now) * 1000))
+            attempt.pending = frames.views(frames.encode(frames.PREDICT, timeout_ms, self.meta, self.body))
+            attempt.sent_at = now
         try:
-            attempt.sock.settimeout(max(self.deadline - now, 0.001))
-            frames.send(attempt.sock, frames.encode(frames.PREDICT, timeout_ms, self.meta, self.body))
+            attempt.pending = frames.send_some(attempt.sock, attempt.pending)
         except OSError as e:
             reused = attempt.reused
-            self._drop(selector, attempt, keep_connection=False)
+            self._drop(poller, attempt, keep_connection=False)
             if reused:
                 return False
             self._failed(attempt.endpoint, f"dropped the connection ({e.strerror or e})", now)
             return True
         attempt.connecting = False
-        attempt.sent_at = now
-        try:
-            selector.modify(attempt.sock, selectors.EVENT_READ, (self, attempt))
-        except KeyError:
-            selector.register(attempt.sock, selectors.EVENT_READ, (self, attempt))
+        poller.watch(self, attempt, _OUT if attempt.pending else _IN)
         return True
 
     def _failed(self, endpoint: endpoints.Endpoint, what: str, now: float) -> None:
@@ -334,64 +344,67 @@ class TcpCall:
         self.failures.append(f"{endpoint.address} {what}")
         self.stub.endpoints.eject(endpoint, what, now)
 
-    def ready(self, selector: selectors.BaseSelector, attempt: _Attempt) -> None:
+    def ready(self, poller: _Poller, attempt: _Attempt, events: int) -> None:
         now = time.monotonic()
         if attempt.connecting:
-            selector.unregister(attempt.sock)  # before a TLS wrap replaces the socket object
+            poller.forget(attempt)  # before a TLS wrap replaces the socket object
             try:
                 attempt.sock = self.stub.finish_connect(attempt.endpoint, attempt.sock, self.deadline - now)
             except (OSError, ssl.SSLError) as e:
-                self._drop(selector, attempt, keep_connection=False)
+                self._drop(poller, attempt, keep_connection=False)
                 self._failed(attempt.endpoint, f"refused the connection ({getattr(e, 'strerror', None) or e})", now)
-                self._go_elsewhere(selector, now)
+                self._go_elsewhere(poller, now)
                 return
+            attempt.fd = attempt.sock.fileno()
             attempt.connecting = False
-            self._send(selector, attempt, now)
+            self._send(poller, attempt, now)
             if not self.attempts:
-                self._go_elsewhere(selector, now)
+                self._go_elsewhere(poller, now)
+            return
+        if attempt.pending:  # the rest of a large request
+            self._send(poller, attempt, now)
+            if not self.attempts:
+                self._go_elsewhere(poller, now)
             return
         try:
-            attempt.sock.settimeout(max(self.deadline - now, 0.001))
-            _, code, meta, body = frames.read(attempt.sock)
-        except TimeoutError:
-            return  # the deadline check ends the call
+            frame = attempt.reader.feed(attempt.sock)
         except (OSError, EOFError, frames.FrameError) as e:
             reused = attempt.reused
-            self._drop(selector, attempt, keep_connection=False)
+            self._drop(poller, attempt, keep_connection=False)
             stale = reused and isinstance(e, EOFError | ConnectionResetError) and not self.attempts
-            if stale and self.start(selector, now, same_endpoint=attempt.endpoint):
+            if stale and self.start(poller, now, same_endpoint=attempt.endpoint):
                 return  # the server had closed an idle connection: try a fresh one once
             what = "closed the connection" if isinstance(e, EOFError) else f"broke the connection ({e})"
             self._failed(attempt.endpoint, what, now)
-            self._go_elsewhere(selector, now)
+            self._go_elsewhere(poller, now)
             return
-        done = time.monotonic()
-        self.stub.endpoints.answered(attempt.endpoint, done - attempt.sent_at, done)
+        if frame is None:
+            return  # more of the answer to come
+        _, code, meta, body = frame
+        self.stub.endpoints.answered(attempt.endpoint, now - attempt.sent_at, now)
         code = Code(code) if code in Code._value2member_map_ else Code.UNKNOWN
         message = meta.decode("utf-8", "replace")
+        self._drop(poller, attempt, keep_connection=True)
         if code in _RETRYABLE:
-            self._drop(selector, attempt, keep_connection=True)
             self._failed(attempt.endpoint, f"answered {code.name} ({message})", now)
-            self._go_elsewhere(selector, now, last=(code, message))
+            self._go_elsewhere(poller, now, last=(code, message))
             return
-        self._drop(selector, attempt, keep_connection=True)
         self.endpoint = attempt.endpoint.address
         if code == Code.OK:
             self.answer_body = body
-        self.finish(selector, code, message)
+        self.finish(poller, code, message)
 
-    def _go_elsewhere(self, selector: selectors.BaseSelector, now: float,
-                      last: tuple[Code, str] | None = None) -> bool:
+    def _go_elsewhere(self, poller: _Poller, now: float, last: tuple[Code, str] | None = None) -> bool:
         """After an attempt failed: nothing to do if others are in flight; else re-send or give up."""
         if self.finished or self.attempts:
             return True
-        if now < self.deadline and self.start(selector, now):
+        if now < self.deadline and self.start(poller, now):
             self.stub.runtime.event(self.stub.target, "resend")
             return True
         if last is not None:
-            self.finish(selector, *last)
+            self.finish(poller, *last)
         else:
-            self.finish(selector, Code.UNAVAILABLE, self._no_endpoint(now))
+            self.finish(poller, Code.UNAVAILABLE, self._no_endpoint(now))
         return False
 
     def _no_endpoint(self, now: float) -> str:
@@ -399,13 +412,13 @@ class TcpCall:
         state = self.stub.endpoints.describe(now) or "no address resolved"
         return f"no endpoint answered ({tried})" if tried else f"no endpoint is up ({state})"
 
-    def check(self, selector: selectors.BaseSelector, now: float) -> None:
+    def check(self, poller: _Poller, now: float) -> None:
         """Deadlines, stalls, ejections by others, hedges."""
         if self.finished:
             return
         if now >= self.deadline:
             waited = ", ".join(a.endpoint.address for a in self.attempts) or "no endpoint"
-            self.finish(selector, Code.DEADLINE_EXCEEDED,
+            self.finish(poller, Code.DEADLINE_EXCEEDED,
                         f"Deadline Exceeded: no answer within {1000 * (self.deadline - self.started):.0f} ms "
                         f"(waiting on {waited})")
             return
@@ -414,62 +427,59 @@ class TcpCall:
         for attempt in list(self.attempts):
             if attempt.connecting:
                 if now - attempt.sent_at > min(after, CONNECT_SECONDS):
-                    self._drop(selector, attempt, keep_connection=False)
+                    self._drop(poller, attempt, keep_connection=False)
                     self._failed(attempt.endpoint, "did not accept the connection", now)
                 continue
             if attempt.endpoint.up and endpoints.stopped_answering(attempt.endpoint, attempt.sent_at, now, after):
                 waited = 1000 * (now - attempt.sent_at)
                 if stub.endpoints.eject(attempt.endpoint, "stopped answering", attempt.sent_at):
                     self.failures.append(f"{attempt.endpoint.address} stopped answering {waited:.0f} ms ago")
-        if self.finished:
-            return
         # Attempts on endpoints that are out of rotation: race them with an attempt elsewhere, or, with
-        # nowhere to go, give up after a quarter of the deadline.
+        # nowhere to go, give up after a quarter of the deadline (the call that has waited longest waits on).
         live = [a for a in self.attempts if a.endpoint.up or a.connecting]
         if not live:
-            if self.start(selector, now):
+            if self.start(poller, now):
                 stub.runtime.event(stub.target, "resend")
                 log.info("RemotePredict to model %r at %s: %s; re-sent to %s", self.model, stub.target,
                          "; ".join(self.failures[-1:]) or "replica out of rotation", self.attempts[-1].endpoint.address)
             elif not self.attempts:
-                self.finish(selector, Code.UNAVAILABLE, self._no_endpoint(now))
+                self.finish(poller, Code.UNAVAILABLE, self._no_endpoint(now))
             elif now - self.started >= (self.deadline - self.started) * endpoints.STALL_DEADLINE_FRACTION and \
                     not any(a.endpoint.oldest_waiting() == id(a) for a in self.attempts):
-                self.finish(selector, Code.UNAVAILABLE, f"{self._no_endpoint(now)}; failing fast until one answers")
+                self.finish(poller, Code.UNAVAILABLE, f"{self._no_endpoint(now)}; failing fast until one answers")
             return
         if stub.hedge_after and len(self.attempts) == 1 and now - self.attempts[0].sent_at >= stub.hedge_after \
                 and not self.attempts[0].hedge:
-            self.start(selector, now, hedge=True)
+            self.start(poller, now, hedge=True)
 
 
 def run(calls: Sequence[TcpCall], deadline: float) -> None:
     """Make every call (each to its own target, concurrently, in this thread) until all are finished."""
     now = time.monotonic()
-    selector = selectors.DefaultSelector()
+    poller = _Poller()
     try:
         for call in calls:
             call.started, call.deadline = now, deadline
             if deadline <= now:
-                call.finish(selector, Code.DEADLINE_EXCEEDED, "Deadline Exceeded before the call was sent")
-            elif not call.start(selector, now):
-                call.finish(selector, Code.UNAVAILABLE, call._no_endpoint(now))
+                call.finish(poller, Code.DEADLINE_EXCEEDED, "Deadline Exceeded before the call was sent")
+            elif not call.start(poller, now):
+                call.finish(poller, Code.UNAVAILABLE, call._no_endpoint(now))
         pending = [c for c in calls if not c.finished]
         while pending:
             now = time.monotonic()
             wake = min(c.next_wake(now) for c in pending)
-            for key, _ in selector.select(max(0.0, wake - now)):
-                call, attempt = key.data
-                if attempt in call.attempts:
-                    call.ready(selector, attempt)
+            for fd, events in poller.poll.poll(max(0, math.ceil((wake - now) * 1000))):
+                owner = poller.owners.get(fd)
+                if owner is not None and owner[1] in owner[0].attempts:
+                    owner[0].ready(poller, owner[1], events)
             now = time.monotonic()
             for call in pending:
-                call.check(selector, now)
+                call.check(poller, now)
             pending = [c for c in pending if not c.finished]
     finally:
         for call in calls:
             if not call.finished:
-                call.finish(selector, Code.CANCELLED, "the call was abandoned")
-        selector.close()
+                call.finish(poller, Code.CANCELLED, "the call was abandoned")
 
 
 class _Prober:
