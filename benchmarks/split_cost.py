@@ -25,6 +25,7 @@ Timing is never asserted: this prints.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -130,8 +131,9 @@ def measure(load: LoadGenerator, servers: list[ServerProcess], job: dict, concur
         result = load.run(job, concurrency=concurrency, duration=seconds, warmup=1.0)
     after = cpu_seconds(servers)
     done = max(1, result.requests)
+    cpu_ms = [1000 * (a - b) / done for a, b in zip(after, before, strict=True)]
     return {"p50": result.p50_ms, "p99": result.p99_ms, "rps": result.rps, "requests": result.requests,
-            "errors": dict(result.errors), "cpu_ms": [1000 * (a - b) / done for a, b in zip(after, before, strict=True)]}
+            "errors": dict(result.errors), "cpu_ms": cpu_ms}
 
 
 def run(args) -> list[str]:
@@ -232,8 +234,9 @@ def report(args, results: dict, rows_per_request: int) -> list[str]:
                 lines.append(
                     f"| {shards} | {cache:.0%} | {'sequential' if mode == 'seq' else f'{args.concurrency} clients'} | "
                     f"{_median(un, 'p50'):.2f} / {_median(un, 'p99'):.2f} | {_median(sp, 'p50'):.2f} / "
-                    f"{_median(sp, 'p99'):.2f} | {statistics.median(ratios_p50):.2f}x | {_median(un, 'cpu_ms', 0):.2f} | "
-                    f"{m_cpu + shards_cpu:.2f} ({m_cpu:.2f} + {shards_cpu:.2f}) | {statistics.median(ratios_cpu):.2f}x | "
+                    f"{_median(sp, 'p99'):.2f} | {statistics.median(ratios_p50):.2f}x | "
+                    f"{_median(un, 'cpu_ms', 0):.2f} | {m_cpu + shards_cpu:.2f} ({m_cpu:.2f} + {shards_cpu:.2f}) | "
+                    f"{statistics.median(ratios_cpu):.2f}x | "
                     f"{_median(sp, 'rps'):.0f} | {saved:.0%} | {errors or 0} |")
                 master_cpu[(shards, cache, mode)] = m_cpu
                 if cache == 0:
@@ -249,7 +252,8 @@ def report(args, results: dict, rows_per_request: int) -> list[str]:
     counts = sorted(args.shards)
     if len(counts) > 1 and 0 in args.cache_fractions:
         for mode in ("seq", "load"):
-            growth = [(master_cpu[(b, 0, mode)] - master_cpu[(a, 0, mode)]) / (b - a) for a, b in zip(counts, counts[1:])]
+            growth = [(master_cpu[(b, 0, mode)] - master_cpu[(a, 0, mode)]) / (b - a)
+                      for a, b in itertools.pairwise(counts)]
             worst = max(growth)
             text, limit = TARGETS["master_growth"]
             lines.append(f"- {mode}: {text}: {', '.join(f'{g:+.3f}' for g in growth)} ms per shard; "

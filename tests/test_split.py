@@ -47,7 +47,7 @@ def sequential(path, rows=40) -> str:
 class Split:
     """A split written by the CLI, served: shard servers and a master (plus the unsplit model) in-process."""
 
-    def __init__(self, model: str, out, shards: int, *flags: str, name: str = "rec"):
+    def __init__(self, model: str, out, shards: int, *flags: str, name: str = "rec", master_flags=()):
         self.ports = [free_port() for _ in range(shards)]
         addresses = ";".join(f"127.0.0.1:{p}" for p in self.ports)
         assert split_cli.main([model, f"--output_dir={out}", f"--shards={shards}", f"--shard_addresses={addresses}",
@@ -57,7 +57,7 @@ class Split:
                        for k, port in enumerate(self.ports)]
         config = write_config(out / "both.config", {name: out / "master", "unsplit": out / "unsplit"})
         self.master = InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
-                                      "--remote_predict_loopback_in_process=false")
+                                      "--remote_predict_loopback_in_process=false", *master_flags)
         self.name = name
 
     def answers(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +109,27 @@ def test_split_answers_bit_for_bit(tmp_path, strategy, shards):
                 codes.append(caught.value.code())
                 assert "is not in [0, " in caught.value.details(), caught.value.details()
             assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    finally:
+        split.stop()
+
+
+def test_hot_row_cache_answers_bit_for_bit_within_its_budget(tmp_path):
+    model = recommender(tmp_path / "rec.keras", users=2000, items=500)
+    budget_mib = 0.02  # 20 KiB: 640 rows of 8 floats over both tables
+    split = Split(model, tmp_path / "out", 2, "--tables=user_table,item_table",
+                  master_flags=[f"--remote_predict_cache_mib={budget_mib}"])
+    try:
+        rng = np.random.default_rng(11)
+        for _ in range(40):  # skewed ids: the same few users and items come back
+            inputs = {"user": np.minimum(rng.zipf(1.3, (8, 1)), 2000).astype(np.int32) - 1,
+                      "items": np.minimum(rng.zipf(1.3, (8, 3)), 500).astype(np.int32) - 1}
+            got, expected = split.answers(inputs)
+            assert got.tobytes() == expected.tobytes()
+        registry = split.master.server.metrics.registry
+        tables = [{"table": f"rec/{t}", "version": "1"} for t in ("user_table", "item_table")]
+        hits = sum(registry.get_sample_value("remote_predict_lookup_cache_hits_total", labels) for labels in tables)
+        held = sum(registry.get_sample_value("remote_predict_lookup_cache_bytes", labels) for labels in tables)
+        assert hits > 0 and 0 < held <= budget_mib * (1 << 20)
     finally:
         split.stop()
 
@@ -442,7 +463,8 @@ def test_replica_stopped_under_load_no_request_fails(tmp_path):
 
 
 def test_rollout_under_load_every_answer_from_one_version(tmp_path):
-    """Shards of version 2 load beside version 1, then master 2 replaces master 1: no failure, no mix."""
+    """Shards of version 2 load beside version 1, then master 2 replaces master 1: no failure, no mix, with
+    the master's hot-row cache on."""
     v1, v2 = recommender(tmp_path / "v1.keras", seed=0), recommender(tmp_path / "v2.keras", seed=1)
     out = tmp_path / "out"
     ports = [free_port(), free_port()]
@@ -452,8 +474,10 @@ def test_rollout_under_load_every_answer_from_one_version(tmp_path):
     shards = [InProcessServer(f"--model_config_file={out / 'config' / f'shard_{k}.config'}",
                               "--file_system_poll_wait_seconds=1", f"--tcp_port={port}", rest=False)
               for k, port in enumerate(ports)]
+    # The hot-row cache is on: a cache belongs to one version, so none of its rows may leak across.
     master = InProcessServer(f"--model_config_file={out / 'config' / 'master.config'}",
-                             "--file_system_poll_wait_seconds=1", "--remote_predict_loopback_in_process=false")
+                             "--file_system_poll_wait_seconds=1", "--remote_predict_loopback_in_process=false",
+                             "--remote_predict_cache_mib=1")
     inputs = random_ids(np.random.default_rng(3), 8)
     answers, failures, stop = [], [], threading.Event()
 

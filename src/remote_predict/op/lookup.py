@@ -13,6 +13,8 @@ the number of tables it holds. In one pass, in numpy:
    Predict (`lookup` signature) to its server; every shard is called at once (`fanout`);
 4. rows come back in the order asked and are stitched into each input's shape.
 
+With `--remote_predict_cache_mib`, rows a cache holds (`row_cache`) are not asked for at all.
+
 The answer equals `tf.gather(table, ids)` bit for bit: the rows are the table's own bytes, never computed.
 """
 
@@ -32,6 +34,7 @@ from remote_predict.errors import Code, ServingError
 from remote_predict.op import fanout, pyfunc_registry, request_context, tokens
 from remote_predict.op.errors import RemotePredictError
 from remote_predict.op.partition import STRATEGIES, Partition
+from remote_predict.op.row_cache import RowCache
 from remote_predict.op.runtime import CallRecord, OpRuntime, runtime_for
 
 LOOKUP_SIGNATURE = "lookup"
@@ -119,19 +122,30 @@ def _checked_ids(table: TableSpec, ids: np.ndarray) -> np.ndarray:
 
 
 class _Table:
-    """One table's part of a lookup: its distinct ids, where each lives, and the rows as they arrive."""
+    """One table's part of a lookup: its distinct ids, those the cache has, where the others live, and the
+    rows as they arrive."""
 
-    def __init__(self, spec: TableSpec, shards: int, flat_ids: list[np.ndarray]):
+    def __init__(self, spec: TableSpec, shards: int, flat_ids: list[np.ndarray], cache: RowCache | None):
         self.spec = spec
         self.partition = Partition(spec.strategy, spec.rows, shards)
         every = flat_ids[0] if len(flat_ids) == 1 else np.concatenate(flat_ids)
         self.unique, self.inverse = np.unique(every, return_inverse=True)
-        self.shard_of, self.local = self.partition.assign(self.unique)
         self.rows = np.empty((len(self.unique), spec.dim), tensor_codec.numpy_dtype(spec.dtype))
+        self.cache = cache
+        if cache is None:
+            self.missing = np.arange(len(self.unique))
+        else:
+            self.missing = np.flatnonzero(~cache.take(self.unique, self.rows))
+        self.shard_of, self.local = self.partition.assign(self.unique[self.missing])
 
     def ids_for(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        where = np.flatnonzero(self.shard_of == shard)
-        return where, self.local[where]
+        """(positions among the distinct ids, local row numbers) of the ids shard `shard` must answer."""
+        where = self.shard_of == shard
+        return self.missing[where], self.local[where]
+
+    def admit(self) -> None:
+        if self.cache is not None:
+            self.cache.admit(self.unique[self.missing], self.rows[self.missing])
 
 
 class LookupKernel:
@@ -153,8 +167,13 @@ class LookupKernel:
         shards = len(config.targets)
         flat = [_checked_ids(config.tables[t], ids) for t, ids in zip(config.inputs, inputs, strict=True)]
         used = sorted(set(config.inputs))
-        tables = {t: _Table(config.tables[t], shards, [f for f, i in zip(flat, config.inputs, strict=True) if i == t])
-                  for t in used}
+        tables = {}
+        for t in used:
+            spec = config.tables[t]
+            dtype = tensor_codec.numpy_dtype(spec.dtype)
+            cache = runtime.row_caches.get((config.models, config.version, spec.name), spec.dim, dtype,
+                                           spec.rows * spec.dim * dtype.itemsize)
+            tables[t] = _Table(spec, shards, [f for f, i in zip(flat, config.inputs, strict=True) if i == t], cache)
         calls, placements = [], []
         for shard in range(shards):
             request = predict_pb2.PredictRequest()
@@ -186,6 +205,8 @@ class LookupKernel:
                     raise ServingError(Code.INTERNAL, f"shard {shard} ({call.target}) answered {got} for "
                                                       f"{len(where[t])} ids of table {table.spec.name!r}")
                 table.rows[where[t]] = rows
+        for table in tables.values():
+            table.admit()
         outputs, offsets = [], dict.fromkeys(used, 0)
         for t, ids, f in zip(config.inputs, inputs, flat, strict=True):
             table = tables[t]

@@ -20,6 +20,7 @@ from remote_predict.errors import Code, ServingError
 from remote_predict.op import targets
 from remote_predict.op.breaker import CircuitBreaker
 from remote_predict.op.failure_log import FailureLog
+from remote_predict.op.row_cache import RowCaches
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class OpSettings:
     tls: ClientTls | None = None
     channel_arguments: tuple[tuple[str, object], ...] = ()  # gRPC channel arguments, over our defaults
     hedge_after_ms: int = 0  # tcp targets: also ask another replica when a call waits this long (0: never)
+    cache_mib: float = 0.0  # hot rows the sharded lookups keep, in MiB for the whole runtime (0: none)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class OpRuntime:
         self.name = name
         self.observers = Observers(calls=[FailureLog()])
         self.breaker = CircuitBreaker(self.settings.max_inflight_per_target)
+        self.row_caches = RowCaches(int(self.settings.cache_mib * (1 << 20)))
         self.closed = False
         self._lock = threading.RLock()  # a stub being made may ask for a service
         self._stubs: dict[str, object] = {}

@@ -66,6 +66,7 @@ class ServerOptions:
     remote_predict_max_inflight_per_target: int = 0
     remote_predict_channel_arguments: str = ""
     remote_predict_hedge_after_ms: int = 0
+    remote_predict_cache_mib: float = 0.0
     tcp_port: int = 0
     lookup_fast_path: bool = True
     drain_timeout_seconds: float = 30.0
@@ -128,6 +129,9 @@ _HELP = {
     "remote_predict_hedge_after_ms": "(remote-predict) tcp:// targets with several replicas: a call unanswered "
                                      "after this long is also sent to another replica, the first answer wins "
                                      "(0: never)",
+    "remote_predict_cache_mib": "(remote-predict) MiB of hot table rows a split master keeps, per server, "
+                                "shared by its tables in proportion to their size; rows of each model version "
+                                "apart (0: no cache)",
     "tcp_port": "(remote-predict) also serve Predict on this port over remote-predict's framed TCP transport, "
                 "which RemotePredict ops reach as tcp://HOST:PORT (0: off)",
     "lookup_fast_path": "(remote-predict) answer the shard models `remote-predict split` writes straight from "
@@ -221,6 +225,8 @@ def validate(options: ServerOptions) -> None:
         raise FlagError("--rest_api_port cannot be the same as --port")
     if options.tcp_port and options.tcp_port in (options.port, options.rest_api_port):
         raise FlagError("--tcp_port must differ from --port and --rest_api_port")
+    if options.remote_predict_cache_mib < 0:
+        raise FlagError("--remote_predict_cache_mib must be >= 0")
     if options.remote_predict_hedge_after_ms < 0:
         raise FlagError("--remote_predict_hedge_after_ms must be >= 0")
     if options.file_system_poll_wait_seconds < 0:

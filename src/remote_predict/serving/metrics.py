@@ -6,6 +6,7 @@ import threading
 from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from remote_predict.errors import Code, ServingError
 from remote_predict.op.runtime import CallRecord, OpRuntime
@@ -67,7 +68,9 @@ class ServerMetrics:
             self.load_failures.labels(model).inc()
 
     def observe_runtime(self, runtime: OpRuntime) -> None:
-        """Count the RemotePredict calls of the models this server loads (bound to `runtime`)."""
+        """Count the RemotePredict calls of the models this server loads (bound to `runtime`), and report
+        its lookups' row caches (read when scraped: nothing is counted per request)."""
+        self.registry.register(_CacheCollector(runtime))
         runtime.observers.calls.append(self.on_remote_call)
         runtime.observers.inflight.append(self.on_remote_inflight)
         runtime.observers.endpoints.append(self.on_endpoint)
@@ -90,3 +93,33 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """remote_predict_lookup_cache_*: the hot-row caches of a runtime, by table and model version."""
+
+    def __init__(self, runtime: OpRuntime):
+        self.runtime = runtime
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        labels = ["table", "version"]
+        families = {
+            "hits": CounterMetricFamily("remote_predict_lookup_cache_hits", "Rows the cache answered.", labels=labels),
+            "misses": CounterMetricFamily("remote_predict_lookup_cache_misses", "Rows asked of the shards.",
+                                          labels=labels),
+            "evictions": CounterMetricFamily("remote_predict_lookup_cache_evictions", "Rows let go for hotter ones.",
+                                             labels=labels),
+        }
+        size = GaugeMetricFamily("remote_predict_lookup_cache_bytes", "Bytes the cache holds (its capacity).",
+                                 labels=labels)
+        for (models, version, table), cache in self.runtime.row_caches.items():
+            key = [f"{models[0].rsplit('_shard_', 1)[0]}/{table}", str(version)]
+            families["hits"].add_metric(key, cache.stats.hits)
+            families["misses"].add_metric(key, cache.stats.misses)
+            families["evictions"].add_metric(key, cache.stats.evictions)
+            size.add_metric(key, cache.nbytes)
+        yield from families.values()
+        yield size

@@ -56,6 +56,7 @@ def op_runtime(options: ServerOptions) -> OpRuntime:
         tls=client_tls(tls) if tls else None,
         channel_arguments=tuple(parse_channel_arguments(options.remote_predict_channel_arguments)),
         hedge_after_ms=options.remote_predict_hedge_after_ms,
+        cache_mib=options.remote_predict_cache_mib,
     )
     return OpRuntime(settings, name=f"server on port {options.port}")
 
