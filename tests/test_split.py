@@ -113,6 +113,41 @@ def test_split_answers_bit_for_bit(tmp_path, strategy, shards):
         split.stop()
 
 
+def test_concurrent_requests_lookups_merge_and_never_mix(tmp_path):
+    """Requests in flight together share one call per shard; each still gets exactly its own rows."""
+    model = recommender(tmp_path / "rec.keras", users=2000, items=500)
+    split = Split(model, tmp_path / "out", 2, "--tables=user_table,item_table")
+    try:
+        rng = np.random.default_rng(5)
+        cases = [random_ids(rng, 4, users=2000, items=500) for _ in range(24)]
+        expected = [split.answers(inputs)[1].tobytes() for inputs in cases]
+        shard_calls = [s.server.metrics.registry.get_sample_value(
+            "remote_predict_requests_total", {"model": f"rec_shard_{k}", "api": "predict", "protocol": "tcp",
+                                              "code": "OK"}) or 0.0 for k, s in enumerate(split.shards)]
+        got: dict[tuple[int, int], bytes] = {}
+
+        def client(index: int) -> None:
+            for round_ in range(5):
+                case = (index + round_) % len(cases)
+                got[(index, round_)] = tf.make_ndarray(
+                    split.master.predict(split.name, cases[case]).outputs["output_0"]).tobytes()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert len(got) == 60
+        assert all(answer == expected[(i + r) % len(cases)] for (i, r), answer in got.items()), "rows mixed"
+        calls = [s.server.metrics.registry.get_sample_value(
+            "remote_predict_requests_total", {"model": f"rec_shard_{k}", "api": "predict", "protocol": "tcp",
+                                              "code": "OK"}) - before for k, (s, before) in
+            enumerate(zip(split.shards, shard_calls, strict=True))]
+        assert all(c < 60 for c in calls), f"{calls} shard calls for 60 requests: lookups were not merged"
+    finally:
+        split.stop()
+
+
 def test_hot_row_cache_answers_bit_for_bit_within_its_budget(tmp_path):
     model = recommender(tmp_path / "rec.keras", users=2000, items=500)
     budget_mib = 0.02  # 20 KiB: 640 rows of 8 floats over both tables

@@ -10,7 +10,8 @@ the number of tables it holds. In one pass, in numpy:
    [0, n)`;
 2. per table, the distinct ids (all inputs of that table together) are found once;
 3. each shard gets the ids it holds, as local row numbers (`partition`), one tensor per table, in one
-   Predict (`lookup` signature) to its server; every shard is called at once (`fanout`);
+   Predict (`lookup` signature) to its server; every shard is called at once (`fanout`); the lookups
+   of requests in flight together are merged into one such fan-out (`coalesce`);
 4. rows come back in the order asked and are stitched into each input's shape.
 
 With `--remote_predict_cache_mib`, rows a cache holds (`row_cache`) are not asked for at all.
@@ -32,6 +33,7 @@ from tensorflow_serving.apis import predict_pb2
 from remote_predict import tensor_codec
 from remote_predict.errors import Code, ServingError
 from remote_predict.op import fanout, pyfunc_registry, request_context, tokens
+from remote_predict.op.coalesce import Coalescer
 from remote_predict.op.errors import RemotePredictError
 from remote_predict.op.partition import STRATEGIES, Partition
 from remote_predict.op.row_cache import RowCache
@@ -122,14 +124,13 @@ def _checked_ids(table: TableSpec, ids: np.ndarray) -> np.ndarray:
 
 
 class _Table:
-    """One table's part of a lookup: its distinct ids, those the cache has, where the others live, and the
-    rows as they arrive."""
+    """One table's part of a batch of lookups: its distinct ids, those the cache has, where the others
+    live, and the rows as they arrive."""
 
-    def __init__(self, spec: TableSpec, shards: int, flat_ids: list[np.ndarray], cache: RowCache | None):
+    def __init__(self, spec: TableSpec, shards: int, ids: np.ndarray, cache: RowCache | None):
         self.spec = spec
         self.partition = Partition(spec.strategy, spec.rows, shards)
-        every = flat_ids[0] if len(flat_ids) == 1 else np.concatenate(flat_ids)
-        self.unique, self.inverse = np.unique(every, return_inverse=True)
+        self.unique, self.inverse = np.unique(ids, return_inverse=True)
         self.rows = np.empty((len(self.unique), spec.dim), tensor_codec.numpy_dtype(spec.dtype))
         self.cache = cache
         if cache is None:
@@ -148,13 +149,26 @@ class _Table:
             self.cache.admit(self.unique[self.missing], self.rows[self.missing])
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A request's lookups, ready to batch: per table, the ids of all its inputs of that table, in order."""
+
+    ids: dict[int, np.ndarray]
+    deadline: float
+
+
 class LookupKernel:
-    """The Python body of a lookup node: ids of each input -> rows of each input."""
+    """The Python body of a lookup node: ids of each input -> rows of each input.
+
+    Concurrent requests' lookups are merged into one fan-out (`coalesce`): each shard server then gets one
+    call per batch, not one per request. A request alone waits for nothing.
+    """
 
     def __init__(self, config: LookupConfig, runtime_id: int | None = None):
         self.config = config
         self.runtime_id = runtime_id
         self.output_dtypes = config.output_dtypes
+        self.coalescer: Coalescer[_Request, dict[int, np.ndarray]] = Coalescer()
 
     def __call__(self, *inputs):
         try:
@@ -164,16 +178,36 @@ class LookupKernel:
 
     def lookup(self, inputs: Sequence[np.ndarray], runtime: OpRuntime) -> list[np.ndarray]:
         config = self.config
-        shards = len(config.targets)
         flat = [_checked_ids(config.tables[t], ids) for t, ids in zip(config.inputs, inputs, strict=True)]
-        used = sorted(set(config.inputs))
+        by_table = {}
+        for t in sorted(set(config.inputs)):
+            mine = [f for f, i in zip(flat, config.inputs, strict=True) if i == t]
+            by_table[t] = mine[0] if len(mine) == 1 else np.concatenate(mine)
+        timeout = request_context.call_timeout(config.deadline_ms / 1000)
+        if timeout <= 0:
+            raise ServingError(Code.DEADLINE_EXCEEDED, "the request's own deadline has passed; not calling the shards")
+        request = _Request(by_table, time.monotonic() + timeout)
+        rows = self.coalescer.run(request, lambda batch: self._fetch(batch, runtime), request.deadline)
+        outputs, offsets = [], dict.fromkeys(by_table, 0)
+        for t, ids, f in zip(config.inputs, inputs, flat, strict=True):
+            outputs.append(rows[t][offsets[t]:offsets[t] + len(f)].reshape((*ids.shape, config.tables[t].dim)))
+            offsets[t] += len(f)
+        return outputs
+
+    def _fetch(self, batch: Sequence[_Request], runtime: OpRuntime) -> list[dict[int, np.ndarray]]:
+        """Rows for every request of the batch: each distinct id asked of its shard once, all shards at once
+        (within the latest deadline of the batch: each request's own is kept by its wait)."""
+        config = self.config
+        shards = len(config.targets)
+        deadline = max(request.deadline for request in batch)
         tables = {}
-        for t in used:
+        for t in batch[0].ids:
             spec = config.tables[t]
             dtype = tensor_codec.numpy_dtype(spec.dtype)
             cache = runtime.row_caches.get((config.models, config.version, spec.name), spec.dim, dtype,
                                            spec.rows * spec.dim * dtype.itemsize)
-            tables[t] = _Table(spec, shards, [f for f, i in zip(flat, config.inputs, strict=True) if i == t], cache)
+            ids = batch[0].ids[t] if len(batch) == 1 else np.concatenate([request.ids[t] for request in batch])
+            tables[t] = _Table(spec, shards, ids, cache)
         calls, placements = [], []
         for shard in range(shards):
             request = predict_pb2.PredictRequest()
@@ -189,9 +223,8 @@ class LookupKernel:
             request.output_filter.extend(ids)
             calls.append(fanout.Call(config.targets[shard], request, ids))
             placements.append((shard, where))
-        timeout = request_context.call_timeout(config.deadline_ms / 1000)
         started = time.perf_counter()
-        results = fanout.predict_many(runtime, calls, timeout) if calls else []
+        results = fanout.predict_many(runtime, calls, deadline - time.monotonic()) if calls else []
         for call, result, (shard, where) in zip(calls, results, placements, strict=True):
             runtime.report(CallRecord(call.target, call.request.model_spec.name, result.code, result.message,
                                       time.perf_counter() - started))
@@ -205,15 +238,15 @@ class LookupKernel:
                     raise ServingError(Code.INTERNAL, f"shard {shard} ({call.target}) answered {got} for "
                                                       f"{len(where[t])} ids of table {table.spec.name!r}")
                 table.rows[where[t]] = rows
-        for table in tables.values():
+        answers: list[dict[int, np.ndarray]] = [{} for _ in batch]
+        for t, table in tables.items():
             table.admit()
-        outputs, offsets = [], dict.fromkeys(used, 0)
-        for t, ids, f in zip(config.inputs, inputs, flat, strict=True):
-            table = tables[t]
-            inverse = table.inverse[offsets[t]:offsets[t] + len(f)]
-            offsets[t] += len(f)
-            outputs.append(table.rows[inverse].reshape((*ids.shape, table.spec.dim)))
-        return outputs
+            offset = 0
+            for answer, request in zip(answers, batch, strict=True):
+                count = len(request.ids[t])
+                answer[t] = table.rows[table.inverse[offset:offset + count]]
+                offset += count
+        return answers
 
 
 def lookup_op(config: LookupConfig, ids: Sequence, name: str | None = None) -> list:
