@@ -20,18 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import keras
 import tensorflow as tf
 
+from remote_predict.errors import ServingError
 from remote_predict.op import api as remote_predict
-from remote_predict.split import deploy, models, sources, writers
+from remote_predict.split import deploy, kubernetes, locations, models, sources, writers
 from remote_predict.split.keras_archive import KerasArchive
 from remote_predict.split.partition import STRATEGIES, Partition
 
 SHARD_POLICY = "latest { num_versions: 2 }"  # a master's version N and N+1 may both be live in a roll-out
+SHARD_VERSIONS_KEPT = 2
 
 
 def _parse_addresses(text: str, count: int, base_port: int) -> list[str]:
@@ -97,36 +101,45 @@ def _wait_for_versions(addresses: dict[str, list[str]], version: int, timeout: f
 
 def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.Server]:
     tables = _choose_tables(source, args.tables, args.threshold_mib)
-    addresses = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port)
-    out = os.path.abspath(args.output_dir)
+    if args.kubernetes:
+        addresses = [kubernetes.target(name, f"shard_{k}", args.namespace) for k in range(args.shards)]
+    else:
+        addresses = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port)
+    out: locations.Output = args.output
     plans, shard_models = [], {k: {} for k in range(args.shards)}
+    shard_bytes = dict.fromkeys(range(args.shards), 0)
     for table_name, table in tables.items():
         rows, dim = table.shape
         partition = Partition(args.partition, rows, args.shards)
         model_names = tuple(f"{name}_{table_name}_shard_{k}" for k in range(args.shards))
         plans.append(models.TablePlan(table_name, rows, dim, args.partition, tuple(addresses), model_names))
         for k in range(args.shards):
-            path = os.path.join(out, "shards", model_names[k])
-            shard_models[k][model_names[k]] = path
+            shard_models[k][model_names[k]] = out.base_path("shards", model_names[k])
+            shard_bytes[k] += partition.shard_rows(k) * dim * table.dtype.itemsize
             if args.only in ("all", "shards"):
                 label = f"table {table_name} ({rows} x {dim}) shard {k + 1}/{args.shards}"
                 chunks = writers.shard_chunks(table, partition, k, writers.Progress(label))
-                writers.write_shard(os.path.join(path, str(args.version)), partition.shard_rows(k), dim,
-                                    table.dtype, chunks)
+                writers.write_shard(out.version_dir(args.version, "shards", model_names[k]), partition.shard_rows(k),
+                                    dim, table.dtype, chunks)
+                out.publish(args.version, "shards", model_names[k])
     if args.only in ("all", "master") and args.wait_for_shards:
-        wanted = {shard_name: [addresses[k]] for k in range(args.shards) for shard_name in shard_models[k]}
+        wanted = {shard_name: deploy.endpoints(addresses[k]) for k in range(args.shards)
+                  for shard_name in shard_models[k]}
         _wait_for_versions(wanted, args.version, args.wait_timeout)
     if args.only in ("all", "master"):
         print(f"  master {name} version {args.version}", file=sys.stderr)
-        source.write_master(os.path.join(out, "master", str(args.version)), plans, args.version, args.deadline_ms)
+        source.write_master(out.version_dir(args.version, "master"), plans, args.version, args.deadline_ms)
+        out.publish(args.version, "master")
     if args.export_unsplit:
         print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
-        source.write_unsplit(os.path.join(out, "unsplit", str(args.version)))
-    servers = [deploy.Server("master", {name: os.path.join(out, "master")}, [args.master_port],
-                             rest_port=args.master_rest_port)]
+        source.write_unsplit(out.version_dir(args.version, "unsplit"))
+        out.publish(args.version, "unsplit")
+    servers = [deploy.Server("master", {name: out.base_path("master")}, [args.master_port],
+                             rest_port=args.master_rest_port, held_bytes=out.written("master"))]
     for k in range(args.shards):
         ports, others = deploy.local_ports(addresses[k])
-        servers.append(deploy.Server(f"shard_{k}", shard_models[k], ports, policy=SHARD_POLICY, remote_hosts=others))
+        servers.append(deploy.Server(f"shard_{k}", shard_models[k], ports, policy=SHARD_POLICY, remote_hosts=others,
+                                     held_bytes=shard_bytes[k], versions_kept=SHARD_VERSIONS_KEPT))
     return servers
 
 
@@ -166,24 +179,29 @@ def _write_consumer(path: str, head: keras.Model, archive: KerasArchive, base_in
 
 
 def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
-    out = os.path.abspath(args.output_dir)
+    out: locations.Output = args.output
     base_name = args.base_name or f"{name}_base"
+    if args.kubernetes:
+        args.base_address = kubernetes.target(name, "base", args.namespace)
     base, head, needed = models.cut_models(archive, args.cut)
     base_inputs = [tensor.name for tensor in base.inputs]  # the names its exported signature takes
     if args.only in ("all", "shards"):
         print(f"  base {base_name} version {args.version}: inputs {base_inputs} -> {args.cut}", file=sys.stderr)
-        writers.write_keras(os.path.join(out, "base", str(args.version)), base)
+        writers.write_keras(out.version_dir(args.version, "base"), base)
+        out.publish(args.version, "base")
     if args.only in ("all", "master"):
-        path = os.path.join(out, "head", str(args.version))
+        path = out.version_dir(args.version, "head")
         inputs = _write_consumer(path, head, archive, base_inputs, needed, args.base_address, base_name,
                                  args.version, args.deadline_ms)
+        out.publish(args.version, "head")
         print(f"  head {name} version {args.version}: inputs {inputs}, calls {base_name} at {args.base_address}",
               file=sys.stderr)
     ports, others = deploy.local_ports(args.base_address)
-    head_server = deploy.Server("head", {name: os.path.join(out, "head")}, [args.master_port],
-                                rest_port=args.master_rest_port)
-    base_server = deploy.Server("base", {base_name: os.path.join(out, "base")}, ports, policy=SHARD_POLICY,
-                                remote_hosts=others)
+    head_server = deploy.Server("head", {name: out.base_path("head")}, [args.master_port],
+                                rest_port=args.master_rest_port, held_bytes=out.written("head"))
+    base_server = deploy.Server("base", {base_name: out.base_path("base")}, ports, policy=SHARD_POLICY,
+                                remote_hosts=others, held_bytes=out.written("base"),
+                                versions_kept=SHARD_VERSIONS_KEPT)
     return [head_server, base_server]
 
 
@@ -191,8 +209,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="remote-predict split", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .keras file, or a SavedModel directory (or a base path of versions) "
-                                      "exported from Keras")
-    parser.add_argument("--output_dir", required=True)
+                                      "exported from Keras; local or s3://BUCKET/PREFIX")
+    parser.add_argument("--output_dir", required=True, help="a local directory, or s3://BUCKET/PREFIX")
+    parser.add_argument("--deploy_dir", default="",
+                        help="local directory for the model configs, split.json and kubernetes/ (default: "
+                             "--output_dir; required when --output_dir is in the store)")
     parser.add_argument("--name", help="model name the master (or head) is served under (default: the model's)")
     parser.add_argument("--version", type=int, default=1, help="version written (default 1)")
     parser.add_argument("--shards", type=int, default=2)
@@ -219,14 +240,41 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cut", help="split at this layer instead: base = up to it, head = the rest")
     parser.add_argument("--base_name", help="model name of the base (default: NAME_base)")
     parser.add_argument("--base_address", default="localhost:9000", help="where the head calls the base")
+    kubernetes_flags = parser.add_argument_group("Kubernetes (with --kubernetes)")
+    kubernetes_flags.add_argument("--kubernetes", action="store_true",
+                                  help="write DEPLOY_DIR/kubernetes/ for `kubectl apply -k`; the master calls each "
+                                       "shard's headless Service (needs --output_dir=s3://...)")
+    kubernetes_flags.add_argument("--image", default="remote-predict:latest", help="the server image (Containerfile)")
+    kubernetes_flags.add_argument("--namespace", default="remote-predict", help="namespace of every object")
+    kubernetes_flags.add_argument("--shard_replicas", type=int, default=2, help="pods per shard (the HPA's minimum)")
+    kubernetes_flags.add_argument("--master_replicas", type=int, default=2, help="master pods (the HPA's minimum)")
     args = parser.parse_args(argv)
     if args.shards < 1:
         parser.error("--shards must be at least 1")
+    if args.kubernetes:
+        if not args.output_dir.lower().startswith("s3://"):
+            parser.error("--kubernetes needs --output_dir=s3://BUCKET/PREFIX: pods read the models from the store")
+        if args.shard_addresses:
+            parser.error("--kubernetes writes the shard addresses itself (their Services); drop --shard_addresses")
+        if args.shard_replicas < 1 or args.master_replicas < 1:
+            parser.error("--shard_replicas and --master_replicas must be at least 1")
+        kubernetes.dns_label(args.namespace)
     started = time.monotonic()
     try:
-        source = sources.open_source(args.model)
+        args.output = locations.Output(args.output_dir, args.deploy_dir)
+    except ServingError as e:
+        parser.error(e.message)
+    scratch = tempfile.mkdtemp(prefix="remote-predict-input-")
+    try:
+        source = sources.open_source(locations.local_input(args.model, scratch))
     except (OSError, ValueError) as e:
+        args.output.close()
+        shutil.rmtree(scratch, ignore_errors=True)
         raise SystemExit(f"remote-predict split: cannot read {args.model}: {e}") from None
+    except BaseException:
+        args.output.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         name = args.name or source.name
         print(f"remote-predict split {args.model} -> {args.output_dir}", file=sys.stderr)
@@ -236,14 +284,40 @@ def main(argv: list[str]) -> int:
         servers = _split_cut(args, source.archive, name) if args.cut else _split_tables(args, source, name)
     finally:
         source.close()
-    written = deploy.write(args.output_dir, servers)
-    manifest = {"model": os.path.abspath(args.model), "name": name, "version": args.version,
-                "mode": "cut" if args.cut else "tables", "servers": {s.name: s.ports for s in servers}}
-    with open(os.path.join(args.output_dir, "split.json"), "w", encoding="utf-8") as f:
+        args.output.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    deploy_dir = args.output.deploy_dir
+    previous = _previous_sizes(deploy_dir)
+    for server in servers:
+        if server.held_bytes is None:  # not written by this run (--only): as recorded by the last one
+            server.held_bytes = previous.get(server.name)
+    written = deploy.write(deploy_dir, servers, scripts=not args.kubernetes)
+    model = args.model if "://" in args.model else os.path.abspath(args.model)
+    manifest = {"model": model, "name": name, "version": args.version, "output": args.output.root,
+                "mode": "cut" if args.cut else "tables", "servers": {s.name: s.ports for s in servers},
+                "held_bytes": {s.name: s.held_bytes for s in servers}}
+    with open(os.path.join(deploy_dir, "split.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
-    launch = os.path.join(args.output_dir, "launch.sh")
-    print(f"done in {time.monotonic() - started:.1f}s; start everything with {launch}", file=sys.stderr)
+    if args.kubernetes:
+        options = kubernetes.Options(image=args.image, namespace=args.namespace, shard_replicas=args.shard_replicas,
+                                     master_replicas=args.master_replicas)
+        workloads = [kubernetes.Workload(split=name, server=s, front=s.name in ("master", "head"),
+                                         held_bytes=s.held_bytes or 0, versions=s.versions_kept) for s in servers]
+        manifests = os.path.join(deploy_dir, "kubernetes")
+        written += kubernetes.write(manifests, workloads, options)
+        print(f"done in {time.monotonic() - started:.1f}s; deploy with: kubectl apply -k {manifests}", file=sys.stderr)
+    else:
+        launch = os.path.join(deploy_dir, "launch.sh")
+        print(f"done in {time.monotonic() - started:.1f}s; start everything with {launch}", file=sys.stderr)
     for path in written:
         print(path)
     return 0
+
+
+def _previous_sizes(deploy_dir: str) -> dict[str, int]:
+    try:
+        with open(os.path.join(deploy_dir, "split.json"), encoding="utf-8") as f:
+            return {k: v for k, v in json.load(f).get("held_bytes", {}).items() if v}
+    except (OSError, ValueError):
+        return {}
 

@@ -18,6 +18,46 @@ class Server:
     rest_port: int = 0
     policy: str = ""  # a model_version_policy block, or "" for TF Serving's default (latest 1)
     remote_hosts: list[str] = field(default_factory=list)  # replicas on other machines, run there
+    held_bytes: int | None = None  # bytes of one version of its models (None: not known to this run)
+    versions_kept: int = 1  # versions its policy keeps loaded
+
+
+def shard_target(host: str, port: int) -> str:
+    """The address a master (or head) calls a shard (or base) server at, when the server has a DNS name.
+
+    Every such target in a split comes from here, so a change of transport is a change of this function.
+    `dns:///` makes gRPC resolve every address of the name (a headless Service: every ready pod) and
+    round-robin over them, re-resolving when a connection closes.
+    """
+    return f"dns:///{host}:{port}"
+
+
+def endpoints(address: str) -> list[str]:
+    """Every `host:port` an address reaches: a `dns:///` name resolved to each of its addresses now."""
+    import socket
+
+    body = address
+    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if body.lower().startswith(prefix):
+            body = body[len(prefix):]
+            break
+    found = []
+    for endpoint in filter(None, (e.strip() for e in body.split(","))):
+        host, _, port = endpoint.rpartition(":")
+        if address.lower().startswith("dns:") and port.isdigit():
+            try:
+                infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            except OSError:
+                found.append(endpoint)  # not resolvable (yet): wait on the name itself
+                continue
+            for info in infos:
+                ip = info[4][0]
+                item = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                if item not in found:
+                    found.append(item)
+        else:
+            found.append(endpoint)
+    return found
 
 
 def local_ports(address: str) -> tuple[list[int], list[str]]:
@@ -54,8 +94,8 @@ def _command(server: Server, port: int, config: str, first: bool) -> str:
     return " ".join(args)
 
 
-def write(output_dir: str, servers: Sequence[Server]) -> list[str]:
-    """Write config/<server>.config, launch.sh and Procfile; returns the files written."""
+def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> list[str]:
+    """Write config/<server>.config, and launch.sh and Procfile unless `scripts` is False; returns the files."""
     config_dir = os.path.join(output_dir, "config")
     os.makedirs(config_dir, exist_ok=True)
     written, launch, procfile = [], [], []
@@ -71,6 +111,8 @@ def write(output_dir: str, servers: Sequence[Server]) -> list[str]:
             procfile.append(f"{label}: {command}")
         for host in server.remote_hosts:
             launch.append(f"# {server.name} on {host}: run there with --model_config_file={os.path.abspath(path)}")
+    if not scripts:  # the servers run elsewhere (Kubernetes): a script for this machine would mislead
+        return written
     script = os.path.join(output_dir, "launch.sh")
     with open(script, "w", encoding="utf-8") as f:
         f.write("#!/usr/bin/env bash\n"
