@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 
 from helpers import HALF_PLUS_THREE, HALF_PLUS_TWO, InProcessServer, ServerProcess, free_port, wait_until, write_config
@@ -202,3 +203,44 @@ def test_a_killed_servers_copies_are_removed_by_the_next_one(tmp_path):
     assert not os.path.exists(copy) and os.path.isdir(second.run_dir) and os.path.isdir(third.run_dir)
     second.close()
     third.close()
+
+
+def test_a_split_read_from_and_written_to_the_store_is_served_from_it(s3, tmp_path):
+    """The SavedModel export is read from s3://, the split written to s3://, every server loads from there."""
+    from remote_predict.split import cli as split_cli
+    from test_split import exported, random_ids, recommender
+
+    store, bucket = s3
+    export = exported(recommender(tmp_path / "rec.keras"), tmp_path / "export")
+    store.upload(tmp_path / "export", bucket, "exports/rec")
+    ports = [free_port(), free_port()]
+    deploy = tmp_path / "deploy"
+    assert split_cli.main([f"s3://{bucket}/exports/rec", f"--output_dir=s3://{bucket}/split", f"--deploy_dir={deploy}",
+                           "--shards=2", "--threshold_mib=0", "--name=rec", "--export_unsplit",
+                           f"--shard_addresses=127.0.0.1:{ports[0]};127.0.0.1:{ports[1]}"]) == 0
+    keys = store.keys(bucket, "split/")
+    assert "split/master/1/saved_model.pb" in keys and "split/shards/rec_user_table_shard_1/1/saved_model.pb" in keys
+    assert export and not (deploy / "master").exists(), "nothing but the deployment files is kept locally"
+    shard_config = (deploy / "config" / "shard_0.config").read_text()
+    assert f'base_path: "s3://{bucket}/split/shards/rec_user_table_shard_0"' in shard_config
+    cache = f"--model_cache_dir={tmp_path / 'cache'}"
+    shards = [InProcessServer(f"--model_config_file={deploy / 'config' / f'shard_{k}.config'}", cache, rest=False,
+                              grpc_port=port) for k, port in enumerate(ports)]
+    both = write_config(tmp_path / "both.config", {"rec": f"s3://{bucket}/split/master",
+                                                   "unsplit": f"s3://{bucket}/split/unsplit"})
+    master = InProcessServer(f"--model_config_file={both}", cache, "--remote_predict_loopback_in_process=false",
+                             rest=False)
+    try:
+        rng = np.random.default_rng(3)
+        for batch in (1, 8, 33):
+            inputs = random_ids(rng, batch)
+            got = tf.make_ndarray(master.predict("rec", inputs).outputs["output_0"])
+            expected = tf.make_ndarray(master.predict("unsplit", inputs).outputs["output_0"])
+            assert got.shape == (batch, 1) and got.tobytes() == expected.tobytes()
+        # A version that is already in the store is refused before anything is written.
+        with pytest.raises(SystemExit, match="exists already"):
+            split_cli.main([f"s3://{bucket}/exports/rec", f"--output_dir=s3://{bucket}/split", f"--deploy_dir={deploy}",
+                            "--shards=2", "--threshold_mib=0", "--name=rec"])
+    finally:
+        for server in [master, *shards]:
+            server.stop()
