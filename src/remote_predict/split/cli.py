@@ -301,10 +301,8 @@ def main(argv: list[str]) -> int:
     if args.kubernetes:
         options = kubernetes.Options(image=args.image, namespace=args.namespace, shard_replicas=args.shard_replicas,
                                      master_replicas=args.master_replicas)
-        workloads = [kubernetes.Workload(split=name, server=s, front=s.name in ("master", "head"),
-                                         held_bytes=s.held_bytes or 0, versions=s.versions_kept) for s in servers]
         manifests = os.path.join(deploy_dir, "kubernetes")
-        written += kubernetes.write(manifests, workloads, options)
+        written += kubernetes.write(manifests, kubernetes.workloads(name, servers), options)
         print(f"done in {time.monotonic() - started:.1f}s; deploy with: kubectl apply -k {manifests}", file=sys.stderr)
     else:
         launch = os.path.join(deploy_dir, "launch.sh")

@@ -83,6 +83,12 @@ class Workload:
         return resource_name(self.split, self.server.name)
 
 
+def workloads(split: str, servers: Sequence[deploy.Server]) -> list[Workload]:
+    """The split's servers as Deployments: the master (or head) faces clients, the others are called by it."""
+    return [Workload(split=split, server=s, front=s.name in ("master", "head"), held_bytes=s.held_bytes or 0,
+                     versions=s.versions_kept) for s in servers]
+
+
 @dataclass(frozen=True)
 class Sizing:
     memory: int
