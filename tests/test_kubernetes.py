@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 import netns_cluster
-from helpers import REPO, InProcessServer, wait_until
+from helpers import REPO, InProcessServer, wait_until, write_config
 from remote_predict.split import cli as split_cli
 from remote_predict.split import kubernetes
 from seaweed import SeaweedStore
@@ -37,13 +38,21 @@ def tool(name: str) -> str:
     return found
 
 
-def split_to_store(bucket: str, tmp_path: Path, *flags: str) -> Path:
-    model = recommender(tmp_path / "rec.keras")
+def split_args(model: str, bucket: str, deploy: Path, *flags: str) -> list[str]:
+    return [model, f"--output_dir=s3://{bucket}/rec", f"--deploy_dir={deploy}", "--shards=2",
+            "--tables=user_table,item_table", "--kubernetes", f"--namespace={NAMESPACE}", f"--image={IMAGE}",
+            "--name=rec", *flags]
+
+
+def split_to_store(bucket: str, tmp_path: Path, *flags: str, seed: int = 0) -> Path:
+    model = recommender(tmp_path / f"rec{seed}.keras", seed=seed)
     deploy = tmp_path / "deploy"
-    assert split_cli.main([model, f"--output_dir=s3://{bucket}/rec", f"--deploy_dir={deploy}", "--shards=2",
-                           "--tables=user_table,item_table", "--kubernetes", f"--namespace={NAMESPACE}",
-                           f"--image={IMAGE}", "--name=rec", *flags]) == 0
+    assert split_cli.main(split_args(model, bucket, deploy, *flags)) == 0
     return deploy
+
+
+def manifest_texts(deploy: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((deploy / "kubernetes").iterdir())}
 
 
 def render(directory: Path) -> tuple[str, list[dict]]:
@@ -119,13 +128,12 @@ def test_manifests_render_and_validate(s3, tmp_path):
     assert "remote_predict_requests_total" in source, "the request-based HPA metric, named in a comment"
 
 
-def served(metrics: str, model: str) -> float:
-    """Predict requests a server answered OK for `model`, from its Prometheus text."""
+def served(metrics: str) -> float:
+    """Requests a server answered OK (for any of its models), from its Prometheus text."""
     from prometheus_client.parser import text_string_to_metric_families
 
     return sum(sample.value for family in text_string_to_metric_families(metrics) for sample in family.samples
-               if sample.name == "remote_predict_requests_total" and sample.labels.get("model") == model
-               and sample.labels.get("code") == "OK")
+               if sample.name == "remote_predict_requests_total" and sample.labels.get("code") == "OK")
 
 
 def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -239,10 +247,24 @@ def cluster():
         net.close()
 
 
-def test_the_manifests_topology_answers_as_the_unsplit_model(cluster, tmp_path, monkeypatch):
+def predict_request(inputs: dict) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "rec"
+    for alias, value in inputs.items():
+        request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+def test_the_manifests_topology_answers_as_the_unsplit_model_and_rolls_out(cluster, tmp_path, monkeypatch):
     """Every pod in its own namespace, started from its manifest; Service names resolve to the pods their
-    selectors match; the models come from the S3 store, itself a host on the network."""
+    selectors match; the models come from the S3 store, itself a host on the network. Then a roll-out:
+    shards of version 2 written to the store, then the master 2 by a job inside the cluster that waits for
+    every shard pod; no manifest changes, no request fails, every answer comes from one version."""
+    import os
+    import threading
+
     store_ns, store_ip = cluster.add_pod("store")
+    job_ns, _ = cluster.add_pod("rollout-job")
     store = SeaweedStore(tmp_path / "store", ip=store_ip, prefix=cluster.prefix(store_ns))
     pods: list[Pod] = []
     try:
@@ -266,6 +288,7 @@ def test_the_manifests_topology_answers_as_the_unsplit_model(cluster, tmp_path, 
         for pod in pods:
             wait_until(pod.ready, 180, f"{pod.name} to be ready", interval=0.5)
 
+        rng = np.random.default_rng(7)
         master_ip = names["rec-master.recsys.svc.cluster.local"][0]
         master_port = next(p["port"] for p in services["rec-master"]["spec"]["ports"] if p["name"] == "grpc")
         unsplit = InProcessServer("--model_base_path=s3://models/rec/unsplit", "--model_name=unsplit",
@@ -273,22 +296,88 @@ def test_the_manifests_topology_answers_as_the_unsplit_model(cluster, tmp_path, 
         try:
             with grpc.insecure_channel(f"{master_ip}:{master_port}") as channel:
                 stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-                rng = np.random.default_rng(7)
                 for batch in (1, 5, 32, 1, 2, 3, 4, 8, 16, 64):
                     inputs = random_ids(rng, batch)
-                    request = predict_pb2.PredictRequest()
-                    request.model_spec.name = "rec"
-                    for alias, value in inputs.items():
-                        request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
-                    got = tf.make_ndarray(stub.Predict(request, timeout=30).outputs["output_0"])
+                    got = tf.make_ndarray(stub.Predict(predict_request(inputs), timeout=30).outputs["output_0"])
                     expected = tf.make_ndarray(unsplit.predict("unsplit", inputs).outputs["output_0"])
                     assert got.shape == (batch, 1) and got.tobytes() == expected.tobytes()
         finally:
             unsplit.stop()
-        # The headless Service's every pod got calls: the master's dns:/// target spreads over all of them.
-        for pod in pods:
-            if pod.labels["app.kubernetes.io/instance"] == "rec-shard-0":
-                assert served(pod.scrape(), "rec_user_table_shard_0") > 0, f"{pod.name} got no calls"
+        # The headless Service's every pod gets calls: the master's dns:/// target spreads over all of them
+        # (round robin over the subchannels that are connected; each connects on first use). Counted over
+        # both of a shard's models: the master's two calls per request (one per table) alternate pods.
+        shard_0 = [p for p in pods if p.labels["app.kubernetes.io/instance"] == "rec-shard-0"]
+        with grpc.insecure_channel(f"{master_ip}:{master_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+            def every_pod_called() -> bool:
+                for _ in range(10):
+                    stub.Predict(predict_request(random_ids(rng, 2)), timeout=30)
+                return all(served(p.scrape()) > 0 for p in shard_0)
+
+            wait_until(every_pod_called, 60, "calls to both pods of shard 0", interval=0.2)
+
+        # Roll-out under load: every answer is recorded with the master version that gave it.
+        batches = [random_ids(rng, 4) for _ in range(8)]
+        answers: list[tuple[int, int, bytes]] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with grpc.insecure_channel(f"{master_ip}:{master_port}") as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                while not stop.is_set():
+                    for index, inputs in enumerate(batches):
+                        try:
+                            response = stub.Predict(predict_request(inputs), timeout=30)
+                            answers.append((response.model_spec.version.value, index,
+                                            tf.make_ndarray(response.outputs["output_0"]).tobytes()))
+                        except grpc.RpcError as e:
+                            failures.append(f"{e.code().name}: {e.details()}")
+                    stop.wait(0.05)
+
+        before = manifest_texts(deploy)
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            split_to_store("models", tmp_path, "--shard_replicas=2", "--master_replicas=1", "--version=2",
+                           "--only=shards", seed=1)
+            assert manifest_texts(deploy) == before, "a roll-out changes no manifest"
+            env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+                   "TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_DNS_RESOLVER": "native", **store.env()}
+            job = subprocess.run([*cluster.prefix(job_ns), sys.executable, "-m", "remote_predict", "split",
+                                  *split_args(str(tmp_path / "rec1.keras"), "models", deploy, "--shard_replicas=2",
+                                              "--master_replicas=1", "--version=2", "--only=master",
+                                              "--wait_for_shards", "--export_unsplit")],
+                                 env=env, capture_output=True, text=True, timeout=600)
+            assert job.returncode == 0, job.stderr[-3000:]
+            shard_pods = sum(1 for p in pods if p.labels["app.kubernetes.io/component"] == "shard")
+            assert job.stderr.count("version 2 is AVAILABLE at") == 2 * shard_pods, "it waited for every shard pod"
+            assert manifest_texts(deploy) == before
+
+            def master_version() -> int:
+                return max((v for v, _, _ in answers[-8:]), default=0)
+
+            wait_until(lambda: master_version() == 2, 120, "the master to serve version 2", interval=0.5)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            loader.join()
+        assert not failures, failures[:5]
+        both = write_config(tmp_path / "unsplit.config", {"unsplit": "s3://models/rec/unsplit"},
+                            extra={"unsplit": "model_version_policy { all {} }"})
+        unsplit = InProcessServer(f"--model_config_file={both}", f"--model_cache_dir={tmp_path / 'cache'}",
+                                  "--file_system_poll_wait_seconds=0", rest=False)
+        try:
+            expected = {(version, index): tf.make_ndarray(unsplit.predict(
+                "unsplit", inputs, version=version).outputs["output_0"]).tobytes()
+                for version in (1, 2) for index, inputs in enumerate(batches)}
+        finally:
+            unsplit.stop()
+        assert {v for v, _, _ in answers} == {1, 2}
+        assert expected[(1, 0)] != expected[(2, 0)], "the two versions answer differently"
+        wrong = [(v, i) for v, i, got in answers if got != expected[(v, i)]]
+        assert not wrong, f"{len(wrong)} of {len(answers)} answers are not their version's: {wrong[:5]}"
     finally:
         for pod in pods:
             pod.stop()

@@ -234,7 +234,7 @@ class ModelManager:
         for config in configs:
             listing = first[config.base_path]
             if isinstance(listing, ServingError):
-                raise ServingError(listing.code, f"{listing.message} (model {config.name})")
+                raise ServingError(listing.code, f"{listing.message} for servable {config.name}")
         if not any(s.settles for listing in first.values() for s in listing.values()):
             return {}, first
         time.sleep(self.options.settle_seconds)

@@ -152,7 +152,7 @@ class S3Store:
                 continue
             versions.setdefault(int(head), []).append(StoredObject(rest, size, etag))
         if not objects:
-            raise ServingError(Code.NOT_FOUND, f"Could not find base path {base.uri}: no objects under it")
+            raise ServingError(Code.NOT_FOUND, f"Could not find base path {base.uri} (no objects under it)")
         return {v: tuple(sorted(found, key=lambda o: o.key)) for v, found in versions.items()}
 
     def download(self, location: Location, objects: Iterable[StoredObject], directory: str) -> None:

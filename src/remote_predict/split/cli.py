@@ -10,6 +10,9 @@ split by rewriting its graph (every gather from a table becomes a call to the sh
 * --cut LAYER: the model up to LAYER becomes a base model, the rest a head model whose input comes from a
   RemotePredict call to the base (host one base, call it from several heads).
 
+The model and --output_dir may be s3://BUCKET/PREFIX (the deployment files then go to --deploy_dir);
+--kubernetes makes the master call each shard's headless Service and writes manifests for `kubectl apply -k`.
+
 Version N of a master calls version N of its shards. A roll-out writes the shards of version N+1 beside
 version N (shard servers keep the latest two), waits until they are loaded (--wait_for_shards), then
 writes master N+1: the master swaps over with no gap, and every answer comes from one version.
@@ -258,7 +261,9 @@ def main(argv: list[str]) -> int:
             parser.error("--kubernetes writes the shard addresses itself (their Services); drop --shard_addresses")
         if args.shard_replicas < 1 or args.master_replicas < 1:
             parser.error("--shard_replicas and --master_replicas must be at least 1")
-        kubernetes.dns_label(args.namespace)
+        if kubernetes.dns_label(args.namespace) != args.namespace:
+            parser.error(f"--namespace={args.namespace} is not a Kubernetes namespace name (lowercase letters, digits "
+                         "and '-', at most 63)")
     started = time.monotonic()
     try:
         args.output = locations.Output(args.output_dir, args.deploy_dir)

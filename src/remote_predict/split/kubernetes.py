@@ -129,20 +129,22 @@ def sizing(held_bytes: int, versions: int) -> Sizing:
     in the cache, during a roll-out.
     """
     peak = versions + 1
+    # Whole MiB: a new version a few bytes larger (a roll-out) gives the same manifests.
+    held_bytes = math.ceil(held_bytes / MIB) * MIB
     memory = SERVER_BASE_BYTES + math.ceil(peak * held_bytes * MEMORY_PER_BYTE)
     memory = math.ceil(memory / MIB) * MIB
     cache = math.ceil(peak * held_bytes * MEMORY_PER_BYTE) + 16 * MIB * peak
     ephemeral = math.ceil((cache + CACHE_SLACK_BYTES) / MIB) * MIB
     startup = 60 + math.ceil(versions * held_bytes / ASSUMED_LOAD_BYTES_PER_SECOND)
     comment = "\n".join([
-        f"held: {held_bytes:,} bytes a version ({held_bytes / MIB:,.1f} MiB); {versions} kept, {peak} at the peak of "
-        "a roll-out (the new version loads beside the kept ones)",
-        f"memory = {SERVER_BASE_BYTES // MIB} MiB (the server itself) + {peak} x {held_bytes / MIB:,.1f} MiB x "
+        f"held: {held_bytes // MIB:,} MiB a version (rounded up); {versions} kept, {peak} at the peak of a roll-out "
+        "(the new version loads beside the kept ones)",
+        f"memory = {SERVER_BASE_BYTES // MIB} MiB (the server itself) + {peak} x {held_bytes // MIB:,} MiB x "
         f"{MEMORY_PER_BYTE} = {memory // MIB:,} MiB (request = limit: an OOM kill is worse than a wait)",
-        f"model cache = {peak} x ({held_bytes / MIB:,.1f} MiB x {MEMORY_PER_BYTE} + 16 MiB) = {cache / MIB:,.0f} MiB "
+        f"model cache = {peak} x ({held_bytes // MIB:,} MiB x {MEMORY_PER_BYTE} + 16 MiB) = {cache / MIB:,.0f} MiB "
         f"(--model_cache_max_bytes); ephemeral storage = that + {CACHE_SLACK_BYTES // MIB} MiB = "
         f"{ephemeral // MIB:,} MiB",
-        f"startup probe: 60 s + {versions} x {held_bytes / MIB:,.1f} MiB at an assumed "
+        f"startup probe: 60 s + {versions} x {held_bytes // MIB:,} MiB at an assumed "
         f"{ASSUMED_LOAD_BYTES_PER_SECOND // MIB} MiB/s = {startup} s",
         "cpu: 1 requested, no limit (a CPU limit throttles latency); the HPA scales on it",
     ])
