@@ -178,10 +178,13 @@ class DataPlane:
         version = spec.version.value if spec.HasField("version") else None
         statuses = self.manager.status(spec.name, version, spec.version_label or None)
         response = get_model_status_pb2.GetModelStatusResponse()
+        # A version that ended says why; the others say so when their base path cannot be listed (the
+        # store is unreachable): they keep serving, and the status tells the operator.
+        store_error = self.manager.store_error(spec.name)
         for status in statuses:
             entry = response.model_version_status.add(version=status.version)
             entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(status.state.value)
-            error = status.error if status.state.value == "END" else None
+            error = status.error if status.state.value == "END" else store_error
             entry.status.CopyFrom(serving_status_pb2.StatusProto(
                 error_code=int(error.code) if error else 0, error_message=error.message if error else ""))
         return response

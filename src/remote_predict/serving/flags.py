@@ -72,6 +72,8 @@ class ServerOptions:
     drain_timeout_seconds: float = 30.0
     rest_api_max_body_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 31
+    model_cache_dir: str = ""
+    model_cache_max_bytes: int = 0
 
 
 _HELP = {
@@ -87,7 +89,8 @@ _HELP = {
     "model_config_file": "text-format ModelServerConfig file (overrides --model_name/--model_base_path)",
     "model_config_file_poll_wait_seconds": "re-read --model_config_file this often (0: never)",
     "model_name": "name of the single model served with --model_base_path",
-    "model_base_path": "directory holding the integer version directories of the single model",
+    "model_base_path": "directory (or s3://BUCKET/PREFIX) holding the integer version directories of the single "
+                       "model",
     "num_load_threads": "threads that load model versions (0: one)",
     "num_unload_threads": "threads that unload model versions (0: four)",
     "max_num_load_retries": "times a failed load is retried",
@@ -140,6 +143,11 @@ _HELP = {
     "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
     "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
     "max_tensor_elements": "(remote-predict) largest tensor a request may declare",
+    "model_cache_dir": "(remote-predict) where versions in object storage (s3:// base paths) are copied to be "
+                       "loaded; each copy is deleted when its version is unloaded (empty: a directory under the "
+                       "system's temporary directory)",
+    "model_cache_max_bytes": "(remote-predict) most bytes of copies in --model_cache_dir at once; a version that "
+                             "would exceed it fails to load with RESOURCE_EXHAUSTED (0: the disk's free space)",
 }
 
 # tensorflow_model_server flags we do not implement, with TF Serving's defaults.
@@ -246,6 +254,8 @@ def validate(options: ServerOptions) -> None:
         raise FlagError("--num_tflite_pools must be >= 0")
     if options.remote_predict_max_inflight_per_target < 0:
         raise FlagError("--remote_predict_max_inflight_per_target must be >= 0")
+    if options.model_cache_max_bytes < 0:
+        raise FlagError("--model_cache_max_bytes must be >= 0")
     if options.drain_timeout_seconds < 0:
         raise FlagError("--drain_timeout_seconds must be >= 0")
     for name in ("grpc_channel_arguments", "remote_predict_channel_arguments"):

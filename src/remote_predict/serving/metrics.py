@@ -29,6 +29,12 @@ class ServerMetrics:
             "UNLOADING, END).", ["model", "state"], registry=self.registry)
         self.load_failures = Counter(
             "remote_predict_model_load_failures", "Versions that failed to load.", ["model"], registry=self.registry)
+        self.store_errors = Counter(
+            "remote_predict_model_store_errors", "Polls of a model's base path that failed (unreachable store, "
+            "missing bucket, refused credentials).", ["model", "code"], registry=self.registry)
+        self.store_up = Gauge(
+            "remote_predict_model_store_up", "1 when the model's base path was listed at the last poll, else 0.",
+            ["model"], registry=self.registry)
         self.op_calls = Counter(
             "remote_predict_op_calls", "RemotePredict calls made by models on this server, by target and code.",
             ["target", "model", "code"], registry=self.registry)
@@ -75,6 +81,11 @@ class ServerMetrics:
         runtime.observers.inflight.append(self.on_remote_inflight)
         runtime.observers.endpoints.append(self.on_endpoint)
         runtime.observers.events.append(self.on_call_event)
+
+    def on_store_listing(self, model: str, error: ServingError | None) -> None:
+        self.store_up.labels(model).set(0 if error else 1)
+        if error is not None:
+            self.store_errors.labels(model, error.code.name).inc()
 
     def on_remote_call(self, record: CallRecord) -> None:
         self.op_calls.labels(record.target, record.model_name, record.code.name).inc()

@@ -168,8 +168,11 @@ class ModelServer:
                 load_retry_interval_seconds=options.load_retry_interval_micros / 1e6,
                 allow_labels_for_unavailable_models=options.allow_version_labels_for_unavailable_models,
                 num_unload_threads=options.num_unload_threads,
+                cache_dir=options.model_cache_dir,
+                cache_max_bytes=options.model_cache_max_bytes,
             ),
             listeners=[self.metrics.on_version_state],
+            store_listeners=[self.metrics.on_store_listing],
         )
         self.data_plane = DataPlane(self.manager, batcher=batcher, max_tensor_elements=options.max_tensor_elements)
         try:

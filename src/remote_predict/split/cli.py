@@ -10,6 +10,9 @@ split by rewriting its graph (every gather from a table becomes a call to the sh
 * --cut LAYER: the model up to LAYER becomes a base model, the rest a head model whose input comes from a
   RemotePredict call to the base (host one base, call it from several heads).
 
+The model and --output_dir may be s3://BUCKET/PREFIX (the deployment files then go to --deploy_dir);
+--kubernetes makes the master call each shard's headless Service and writes manifests for `kubectl apply -k`.
+
 Version N of a master calls version N of its shards. A roll-out writes the shards of version N+1 beside
 version N (shard servers keep the latest two), waits until they are loaded (--wait_for_shards), then
 writes master N+1: the master swaps over with no gap, and every answer comes from one version.
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -29,15 +34,16 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from remote_predict.op import addresses
+from remote_predict.errors import ServingError
 from remote_predict.op import api as remote_predict
 from remote_predict.op.kernel import call_stub
 from remote_predict.op.lookup import LOOKUP_SIGNATURE
 from remote_predict.op.partition import STRATEGIES, Partition
-from remote_predict.split import deploy, models, sources, writers
+from remote_predict.split import deploy, kubernetes, locations, models, sources, writers
 from remote_predict.split.keras_archive import KerasArchive
 
 SHARD_POLICY = "latest { num_versions: 2 }"  # a master's version N and N+1 may both be live in a roll-out
+SHARD_VERSIONS_KEPT = 2
 
 
 def _parse_addresses(text: str, count: int, base_port: int, protocol: str) -> list[str]:
@@ -90,9 +96,7 @@ def _wait_for_versions(shards: dict[str, str], tables: Sequence[str], version: i
     deadline = time.monotonic() + timeout
     runtime = default_runtime()
     for model, target in shards.items():
-        parsed = addresses.parse(target)
-        replicas = [f"{parsed.scheme}://{e}" if parsed.kind == addresses.TCP else e for e in parsed.endpoints]
-        for replica in replicas:
+        for replica in deploy.replica_targets(target):
             request = predict_pb2.PredictRequest()
             request.model_spec.name, request.model_spec.signature_name = model, LOOKUP_SIGNATURE
             request.model_spec.version.value = version
@@ -111,37 +115,46 @@ def _wait_for_versions(shards: dict[str, str], tables: Sequence[str], version: i
 
 def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.Server]:
     tables = _choose_tables(source, args.tables, args.threshold_mib)
-    targets = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port, args.shard_protocol)
-    out = os.path.abspath(args.output_dir)
+    if args.kubernetes:
+        targets = [kubernetes.target(name, f"shard_{k}", args.namespace) for k in range(args.shards)]
+    else:
+        targets = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port, args.shard_protocol)
+    out: locations.Output = args.output
     shard_names = tuple(f"{name}_shard_{k}" for k in range(args.shards))
-    shard_paths = [os.path.join(out, "shards", shard_name) for shard_name in shard_names]
     plans = []
     for table_name, table in tables.items():
         rows, dim = table.shape
         plans.append(models.TablePlan(table_name, rows, dim, args.partition, tuple(targets), shard_names))
-    if args.only in ("all", "shards"):
-        for k in range(args.shards):  # one model per shard server, holding its part of every table
-            parts = []
-            for plan in plans:
-                table = tables[plan.layer]
-                partition = Partition(args.partition, plan.rows, args.shards)
-                label = f"table {plan.layer} ({plan.rows} x {plan.dim}) shard {k + 1}/{args.shards}"
-                parts.append(writers.ShardTable(plan.layer, partition.shard_rows(k), plan.dim, table.dtype,
-                                                writers.shard_chunks(table, partition, k, writers.Progress(label))))
-            writers.write_shard(os.path.join(shard_paths[k], str(args.version)), parts)
+    shard_bytes = dict.fromkeys(range(args.shards), 0)
+    for k in range(args.shards):  # one model per shard server, holding its part of every table
+        parts = []
+        for plan in plans:
+            table = tables[plan.layer]
+            partition = Partition(args.partition, plan.rows, args.shards)
+            shard_bytes[k] += partition.shard_rows(k) * plan.dim * table.dtype.itemsize
+            label = f"table {plan.layer} ({plan.rows} x {plan.dim}) shard {k + 1}/{args.shards}"
+            parts.append(writers.ShardTable(plan.layer, partition.shard_rows(k), plan.dim, table.dtype,
+                                            writers.shard_chunks(table, partition, k, writers.Progress(label))))
+        if args.only in ("all", "shards"):
+            writers.write_shard(out.version_dir(args.version, "shards", shard_names[k]), parts)
+            out.publish(args.version, "shards", shard_names[k])
     if args.only in ("all", "master") and args.wait_for_shards:
         _wait_for_versions(dict(zip(shard_names, targets, strict=True)), list(tables), args.version,
                            args.wait_timeout)
     if args.only in ("all", "master"):
         print(f"  master {name} version {args.version}", file=sys.stderr)
-        source.write_master(os.path.join(out, "master", str(args.version)), plans, args.version, args.deadline_ms)
+        source.write_master(out.version_dir(args.version, "master"), plans, args.version, args.deadline_ms)
+        out.publish(args.version, "master")
     if args.export_unsplit:
         print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
-        source.write_unsplit(os.path.join(out, "unsplit", str(args.version)))
-    servers = [deploy.Server("master", {name: os.path.join(out, "master")}, [args.master_port],
-                             rest_port=args.master_rest_port)]
+        source.write_unsplit(out.version_dir(args.version, "unsplit"))
+        out.publish(args.version, "unsplit")
+    servers = [deploy.Server("master", {name: out.base_path("master")}, [args.master_port],
+                             rest_port=args.master_rest_port, held_bytes=out.written("master"))]
     for k in range(args.shards):
-        servers.append(deploy.shard_server(f"shard_{k}", {shard_names[k]: shard_paths[k]}, targets[k], SHARD_POLICY))
+        servers.append(deploy.shard_server(f"shard_{k}", {shard_names[k]: out.base_path("shards", shard_names[k])},
+                                           targets[k], SHARD_POLICY, held_bytes=shard_bytes[k],
+                                           versions_kept=SHARD_VERSIONS_KEPT))
     return servers
 
 
@@ -181,24 +194,29 @@ def _write_consumer(path: str, head: keras.Model, archive: KerasArchive, base_in
 
 
 def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
-    out = os.path.abspath(args.output_dir)
+    out: locations.Output = args.output
     base_name = args.base_name or f"{name}_base"
+    if args.kubernetes:
+        args.base_address = kubernetes.target(name, "base", args.namespace)
     base, head, needed = models.cut_models(archive, args.cut)
     base_inputs = [tensor.name for tensor in base.inputs]  # the names its exported signature takes
     if args.only in ("all", "shards"):
         print(f"  base {base_name} version {args.version}: inputs {base_inputs} -> {args.cut}", file=sys.stderr)
-        writers.write_keras(os.path.join(out, "base", str(args.version)), base)
+        writers.write_keras(out.version_dir(args.version, "base"), base)
+        out.publish(args.version, "base")
     if args.only in ("all", "master"):
-        path = os.path.join(out, "head", str(args.version))
+        path = out.version_dir(args.version, "head")
         inputs = _write_consumer(path, head, archive, base_inputs, needed, args.base_address, base_name,
                                  args.version, args.deadline_ms)
+        out.publish(args.version, "head")
         print(f"  head {name} version {args.version}: inputs {inputs}, calls {base_name} at {args.base_address}",
               file=sys.stderr)
     ports, others = deploy.local_ports(args.base_address)
-    head_server = deploy.Server("head", {name: os.path.join(out, "head")}, [args.master_port],
-                                rest_port=args.master_rest_port)
-    base_server = deploy.Server("base", {base_name: os.path.join(out, "base")}, ports, policy=SHARD_POLICY,
-                                remote_hosts=others)
+    head_server = deploy.Server("head", {name: out.base_path("head")}, [args.master_port],
+                                rest_port=args.master_rest_port, held_bytes=out.written("head"))
+    base_server = deploy.Server("base", {base_name: out.base_path("base")}, ports, policy=SHARD_POLICY,
+                                remote_hosts=others, held_bytes=out.written("base"),
+                                versions_kept=SHARD_VERSIONS_KEPT)
     return [head_server, base_server]
 
 
@@ -206,8 +224,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="remote-predict split", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .keras file, or a SavedModel directory (or a base path of versions) "
-                                      "exported from Keras")
-    parser.add_argument("--output_dir", required=True)
+                                      "exported from Keras; local or s3://BUCKET/PREFIX")
+    parser.add_argument("--output_dir", required=True, help="a local directory, or s3://BUCKET/PREFIX")
+    parser.add_argument("--deploy_dir", default="",
+                        help="local directory for the model configs, split.json and kubernetes/ (default: "
+                             "--output_dir; required when --output_dir is in the store)")
     parser.add_argument("--name", help="model name the master (or head) is served under (default: the model's)")
     parser.add_argument("--version", type=int, default=1, help="version written (default 1)")
     parser.add_argument("--shards", type=int, default=2)
@@ -237,14 +258,43 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cut", help="split at this layer instead: base = up to it, head = the rest")
     parser.add_argument("--base_name", help="model name of the base (default: NAME_base)")
     parser.add_argument("--base_address", default="localhost:9000", help="where the head calls the base")
+    kubernetes_flags = parser.add_argument_group("Kubernetes (with --kubernetes)")
+    kubernetes_flags.add_argument("--kubernetes", action="store_true",
+                                  help="write DEPLOY_DIR/kubernetes/ for `kubectl apply -k`; the master calls each "
+                                       "shard's headless Service (needs --output_dir=s3://...)")
+    kubernetes_flags.add_argument("--image", default="remote-predict:latest", help="the server image (Containerfile)")
+    kubernetes_flags.add_argument("--namespace", default="remote-predict", help="namespace of every object")
+    kubernetes_flags.add_argument("--shard_replicas", type=int, default=2, help="pods per shard (the HPA's minimum)")
+    kubernetes_flags.add_argument("--master_replicas", type=int, default=2, help="master pods (the HPA's minimum)")
     args = parser.parse_args(argv)
     if args.shards < 1:
         parser.error("--shards must be at least 1")
+    if args.kubernetes:
+        if not args.output_dir.lower().startswith("s3://"):
+            parser.error("--kubernetes needs --output_dir=s3://BUCKET/PREFIX: pods read the models from the store")
+        if args.shard_addresses:
+            parser.error("--kubernetes writes the shard addresses itself (their Services); drop --shard_addresses")
+        if args.shard_replicas < 1 or args.master_replicas < 1:
+            parser.error("--shard_replicas and --master_replicas must be at least 1")
+        if kubernetes.dns_label(args.namespace) != args.namespace:
+            parser.error(f"--namespace={args.namespace} is not a Kubernetes namespace name (lowercase letters, digits "
+                         "and '-', at most 63)")
     started = time.monotonic()
     try:
-        source = sources.open_source(args.model)
+        args.output = locations.Output(args.output_dir, args.deploy_dir)
+    except ServingError as e:
+        parser.error(e.message)
+    scratch = tempfile.mkdtemp(prefix="remote-predict-input-")
+    try:
+        source = sources.open_source(locations.local_input(args.model, scratch))
     except (OSError, ValueError) as e:
+        args.output.close()
+        shutil.rmtree(scratch, ignore_errors=True)
         raise SystemExit(f"remote-predict split: cannot read {args.model}: {e}") from None
+    except BaseException:
+        args.output.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         name = args.name or source.name
         print(f"remote-predict split {args.model} -> {args.output_dir}", file=sys.stderr)
@@ -254,14 +304,38 @@ def main(argv: list[str]) -> int:
         servers = _split_cut(args, source.archive, name) if args.cut else _split_tables(args, source, name)
     finally:
         source.close()
-    written = deploy.write(args.output_dir, servers)
-    manifest = {"model": os.path.abspath(args.model), "name": name, "version": args.version,
-                "mode": "cut" if args.cut else "tables", "servers": {s.name: s.ports for s in servers}}
-    with open(os.path.join(args.output_dir, "split.json"), "w", encoding="utf-8") as f:
+        args.output.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    deploy_dir = args.output.deploy_dir
+    previous = _previous_sizes(deploy_dir)
+    for server in servers:
+        if server.held_bytes is None:  # not written by this run (--only): as recorded by the last one
+            server.held_bytes = previous.get(server.name)
+    written = deploy.write(deploy_dir, servers, scripts=not args.kubernetes)
+    model = args.model if "://" in args.model else os.path.abspath(args.model)
+    manifest = {"model": model, "name": name, "version": args.version, "output": args.output.root,
+                "mode": "cut" if args.cut else "tables", "servers": {s.name: s.ports for s in servers},
+                "held_bytes": {s.name: s.held_bytes for s in servers}}
+    with open(os.path.join(deploy_dir, "split.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
-    launch = os.path.join(args.output_dir, "launch.sh")
-    print(f"done in {time.monotonic() - started:.1f}s; start everything with {launch}", file=sys.stderr)
+    if args.kubernetes:
+        options = kubernetes.Options(image=args.image, namespace=args.namespace, shard_replicas=args.shard_replicas,
+                                     master_replicas=args.master_replicas)
+        manifests = os.path.join(deploy_dir, "kubernetes")
+        written += kubernetes.write(manifests, kubernetes.workloads(name, servers), options)
+        print(f"done in {time.monotonic() - started:.1f}s; deploy with: kubectl apply -k {manifests}", file=sys.stderr)
+    else:
+        launch = os.path.join(deploy_dir, "launch.sh")
+        print(f"done in {time.monotonic() - started:.1f}s; start everything with {launch}", file=sys.stderr)
     for path in written:
         print(path)
     return 0
+
+
+def _previous_sizes(deploy_dir: str) -> dict[str, int]:
+    try:
+        with open(os.path.join(deploy_dir, "split.json"), encoding="utf-8") as f:
+            return {k: v for k, v in json.load(f).get("held_bytes", {}).items() if v}
+    except (OSError, ValueError):
+        return {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,38 @@ class Server:
     policy: str = ""  # a model_version_policy block, or "" for TF Serving's default (latest 1)
     remote_hosts: list[str] = field(default_factory=list)  # replicas on other machines, run there
     tcp_ports: list[int] = field(default_factory=list)  # --tcp_port of each process, when it has one
+    held_bytes: int | None = None  # bytes of one version of its models (None: not known to this run)
+    versions_kept: int = 1  # versions its policy keeps loaded
+
+
+def shard_target(host: str, port: int) -> str:
+    """The address a master calls a shard server at, when the server has a DNS name.
+
+    Every such target in a split comes from here. `tcp://` resolves every address of the name (a headless
+    Service: every ready pod) and re-resolves it every few seconds; each address is a replica with its
+    own health (op/endpoints.py).
+    """
+    return f"tcp://{host}:{port}"
+
+
+def replica_targets(target: str) -> list[str]:
+    """One single-address target per replica `target` reaches now: its names resolved to each address."""
+    parsed = addresses.parse(target)
+    found: list[str] = []
+    for endpoint in parsed.endpoints:
+        host, port = addresses.split_host_port(endpoint)
+        resolved = [endpoint]
+        if port is not None and (parsed.kind == addresses.TCP or parsed.scheme == "dns"):
+            try:
+                infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+                resolved = [f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos]
+            except OSError:
+                pass  # not resolvable (yet): wait on the name itself
+        for item in resolved:
+            replica = f"tcp://{item}" if parsed.kind == addresses.TCP else item
+            if replica not in found:
+                found.append(replica)
+    return found
 
 
 def local_ports(address: str) -> tuple[list[int], list[str]]:
@@ -36,13 +69,14 @@ def local_ports(address: str) -> tuple[list[int], list[str]]:
     return ports, others
 
 
-def shard_server(name: str, models: dict[str, str], address: str, policy: str) -> Server:
+def shard_server(name: str, models: dict[str, str], address: str, policy: str, held_bytes: int | None = None,
+                 versions_kept: int = 1) -> Server:
     """The server (its replicas on this machine) that `address`, the master's target for it, names."""
     ports, others = local_ports(address)
-    if addresses.parse(address).kind == addresses.TCP:
-        return Server(name, models, [p + GRPC_PORT_OFFSET for p in ports], policy=policy, remote_hosts=others,
-                      tcp_ports=ports)
-    return Server(name, models, ports, policy=policy, remote_hosts=others)
+    tcp = addresses.parse(address).kind == addresses.TCP
+    return Server(name, models, [p + GRPC_PORT_OFFSET for p in ports] if tcp else ports, policy=policy,
+                  remote_hosts=others, tcp_ports=ports if tcp else [], held_bytes=held_bytes,
+                  versions_kept=versions_kept)
 
 
 def config_text(server: Server) -> str:
@@ -64,8 +98,8 @@ def _command(server: Server, index: int, config: str) -> str:
     return " ".join(args)
 
 
-def write(output_dir: str, servers: Sequence[Server]) -> list[str]:
-    """Write config/<server>.config, launch.sh and Procfile; returns the files written."""
+def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> list[str]:
+    """Write config/<server>.config, and launch.sh and Procfile unless `scripts` is False; returns the files."""
     config_dir = os.path.join(output_dir, "config")
     os.makedirs(config_dir, exist_ok=True)
     written, launch, procfile = [], [], []
@@ -81,6 +115,8 @@ def write(output_dir: str, servers: Sequence[Server]) -> list[str]:
             procfile.append(f"{label}: {command}")
         for host in server.remote_hosts:
             launch.append(f"# {server.name} on {host}: run there with --model_config_file={os.path.abspath(path)}")
+    if not scripts:  # the servers run elsewhere (Kubernetes): a script for this machine would mislead
+        return written
     script = os.path.join(output_dir, "launch.sh")
     with open(script, "w", encoding="utf-8") as f:
         f.write("#!/usr/bin/env bash\n"
