@@ -1,0 +1,139 @@
+"""Does batching ever cost more than no batching? Throughput and server CPU per request, off vs on.
+
+    .venv/bin/python benchmarks/batching.py [--quick] [--rounds N] [--seconds S] [--concurrency C]
+
+Two `remote-predict serve` processes serve the same models, one without and one with `--enable_batching`
+(the batching parameters of the suite's scenario 6). Closed-loop gRPC clients (`remote-predict bench`'s
+load generator, in their own processes) drive each at the same concurrency, rounds alternating off and
+on, so each ratio compares two runs that saw the same machine. Per round it records requests/s, p50, the
+server process's own CPU time per request (user + system, from psutil), and on the batching server the
+mean rows per Session run (from its Prometheus batch-size histogram). Medians over rounds are printed.
+
+Models: half_plus_two (a trivial Session run: the request path is the whole cost, so batching can only
+lose there) and four dense 1024x1024 layers (the run dominates, so merged runs should win). Timing is
+never asserted; this prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+import urllib3
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import models  # noqa: E402  (the test suite's model builders)
+from helpers import ServerProcess, write_config  # noqa: E402
+from remote_predict.tools.bench import build_job  # noqa: E402
+from remote_predict.tools.export import export_half_plus_two  # noqa: E402
+from remote_predict.tools.loadgen import LoadGenerator, machine_description  # noqa: E402
+
+BATCHING = ("max_batch_size { value: 64 } batch_timeout_micros { value: 0 } "
+            "num_batch_threads { value: 2 } max_enqueued_batches { value: 100 }")
+METRICS = "/monitoring/prometheus/metrics"
+
+
+def batch_totals(server: ServerProcess) -> tuple[float, float]:
+    """(batches run, rows run) so far, from the server's batch-size histogram."""
+    text = urllib3.request("GET", server.rest + METRICS, timeout=10).data.decode()
+    count = rows = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "remote_predict_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    rows = sample.value
+    return count, rows
+
+
+def cpu_seconds(server: ServerProcess) -> float:
+    times = psutil.Process(server.proc.pid).cpu_times()
+    return times.user + times.system
+
+
+def measure(load: LoadGenerator, server: ServerProcess, job: dict, concurrency: int, seconds: float) -> dict:
+    before_cpu, before_batches = cpu_seconds(server), batch_totals(server)
+    result = load.run(job, concurrency, duration=seconds, warmup=0)
+    cpu = cpu_seconds(server) - before_cpu
+    after_batches = batch_totals(server)
+    if result.errors:
+        raise RuntimeError(f"errors under load: {result.errors}")
+    runs = after_batches[0] - before_batches[0]
+    return {"rps": result.rps, "p50_ms": result.p50_ms, "cpu_us": cpu / result.requests * 1e6,
+            "rows_per_run": (after_batches[1] - before_batches[1]) / runs if runs else float("nan"),
+            "saturated": result.client_saturated}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, each running off then on")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
+    parser.add_argument("--models", default="half_plus_two,dense", help="which of half_plus_two,dense to load")
+    args = parser.parse_args()
+    rounds, seconds = (2, 2.0) if args.quick else (args.rounds, args.seconds)
+    tmp = Path(tempfile.mkdtemp(prefix="remote-predict-batching-"))
+    export_half_plus_two(str(tmp / "half_plus_two" / "1"))
+    models.dense_stack(tmp / "dense" / "1")
+    config = write_config(tmp / "models.config", {"half_plus_two": tmp / "half_plus_two", "dense": tmp / "dense"})
+    (tmp / "batching.txt").write_text(BATCHING)
+    (tmp / "monitoring.txt").write_text(f'prometheus_config: {{ enable: true, path: "{METRICS}" }}')
+    common = (f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
+              f"--grpc_max_threads={args.concurrency}", f"--monitoring_config_file={tmp / 'monitoring.txt'}")
+    servers = {"off": ServerProcess(*common, wait=False),
+               "on": ServerProcess(*common, "--enable_batching", f"--batching_parameters_file={tmp / 'batching.txt'}",
+                                   wait=False)}
+    try:
+        for server in servers.values():
+            server.wait_ready(timeout=180)
+        inputs = {"half_plus_two": {"x": np.array([[2.0]], np.float32)},
+                  "dense": {"x": np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)}}
+        inputs = {name: inputs[name] for name in args.models.split(",")}
+        print(f"# machine: {machine_description()}; concurrency {args.concurrency}, {rounds} rounds of {seconds:g} s")
+        print(f"# batching: {BATCHING}")
+        header = ("model", "off req/s", "on req/s", "on/off", "off CPU/req", "on CPU/req", "on/off CPU",
+                  "off p50", "on p50", "rows/run on")
+        print(" | ".join(header))
+        with LoadGenerator(max(1, args.concurrency // 32)) as load:
+            for model, x in inputs.items():
+                jobs = {name: build_job("grpc", server.address, model, "serving_default", x)
+                        for name, server in servers.items()}
+                for name in servers:  # warm up: callables, connections, thread pools
+                    load.run(jobs[name], args.concurrency, duration=1.0, warmup=0)
+                figures: dict[str, list[dict]] = {"off": [], "on": []}
+                for _ in range(rounds):
+                    for name, server in servers.items():
+                        figures[name].append(measure(load, server, jobs[name], args.concurrency, seconds))
+                off, on = figures["off"], figures["on"]
+
+                def med(runs, key):
+                    return statistics.median(r[key] for r in runs)
+
+                speed = statistics.median(b["rps"] / a["rps"] for a, b in zip(off, on, strict=True))
+                cpu = statistics.median(b["cpu_us"] / a["cpu_us"] for a, b in zip(off, on, strict=True))
+                note = " (client saturated)" if any(r["saturated"] for r in off + on) else ""
+                print(" | ".join([
+                    model, f"{med(off, 'rps'):.0f}", f"{med(on, 'rps'):.0f}", f"{speed:.2f}x{note}",
+                    f"{med(off, 'cpu_us'):.0f} us", f"{med(on, 'cpu_us'):.0f} us", f"{cpu:.2f}x",
+                    f"{med(off, 'p50_ms'):.2f} ms", f"{med(on, 'p50_ms'):.2f} ms", f"{med(on, 'rows_per_run'):.1f}"]))
+                for i, (a, b) in enumerate(zip(off, on, strict=True)):
+                    print(f"#   round {i + 1}: off {a['rps']:.0f} req/s {a['cpu_us']:.0f} us/req, "
+                          f"on {b['rps']:.0f} req/s {b['cpu_us']:.0f} us/req {b['rows_per_run']:.1f} rows/run")
+    finally:
+        for server in servers.values():
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
