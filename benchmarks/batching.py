@@ -7,7 +7,10 @@ Two `remote-predict serve` processes serve the same models, one without and one 
 load generator, in their own processes) drive each at the same concurrency, rounds alternating off and
 on, so each ratio compares two runs that saw the same machine. Per round it records requests/s, p50, the
 server process's own CPU time per request (user + system, from psutil), and on the batching server the
-mean rows per Session run (from its Prometheus batch-size histogram). Medians over rounds are printed.
+mean rows per Session run (from its Prometheus batch-size histogram), and the server threads' voluntary
+context switches per request (how often a thread went to sleep: thread hand-offs, and waits for the GIL,
+which grow with the machine's load). Medians over rounds are printed. With `--together` both servers run
+their load at the same time, so that a shared machine's drift hits both alike.
 
 Models: half_plus_two (a trivial Session run: the request path is the whole cost, so batching can only
 lose there) and four dense 1024x1024 layers (the run dominates, so merged runs should win). Timing is
@@ -20,6 +23,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +64,48 @@ def cpu_seconds(server: ServerProcess) -> float:
     return times.user + times.system
 
 
-def measure(load: LoadGenerator, server: ServerProcess, job: dict, concurrency: int, seconds: float) -> dict:
-    before_cpu, before_batches = cpu_seconds(server), batch_totals(server)
-    result = load.run(job, concurrency, duration=seconds, warmup=0)
-    cpu = cpu_seconds(server) - before_cpu
-    after_batches = batch_totals(server)
+def context_switches(server: ServerProcess) -> int:
+    """Voluntary context switches of the server's threads so far: each is a thread going to sleep (waiting
+    for a lock, a wake-up, the network), a count that a busy machine does not distort as it does times."""
+    total = 0
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def snapshot(server: ServerProcess) -> tuple[float, tuple[float, float], int]:
+    return cpu_seconds(server), batch_totals(server), context_switches(server)
+
+
+def figures(server: ServerProcess, before: tuple, result) -> dict:
+    (cpu0, (runs0, rows0), switches0), (cpu1, (runs1, rows1), switches1) = before, snapshot(server)
+    cpu, runs, rows, switches = cpu1 - cpu0, runs1 - runs0, rows1 - rows0, switches1 - switches0
     if result.errors:
         raise RuntimeError(f"errors under load: {result.errors}")
-    runs = after_batches[0] - before_batches[0]
     return {"rps": result.rps, "p50_ms": result.p50_ms, "cpu_us": cpu / result.requests * 1e6,
-            "rows_per_run": (after_batches[1] - before_batches[1]) / runs if runs else float("nan"),
+            "switches": switches / result.requests, "rows_per_run": rows / runs if runs else float("nan"),
             "saturated": result.client_saturated}
+
+
+def run_round(loads: dict[str, LoadGenerator], servers: dict[str, ServerProcess], jobs: dict[str, dict],
+              concurrency: int, seconds: float, together: bool) -> dict[str, dict]:
+    """One run of each server, one after the other, or both at once (`together`)."""
+    if not together:
+        out = {}
+        for name, server in servers.items():
+            before = snapshot(server)
+            out[name] = figures(server, before, loads[name].run(jobs[name], concurrency, duration=seconds, warmup=0))
+        return out
+    before = {name: snapshot(server) for name, server in servers.items()}
+    with ThreadPoolExecutor(len(servers)) as pool:
+        results = {name: pool.submit(loads[name].run, jobs[name], concurrency, duration=seconds, warmup=0)
+                   for name in servers}
+        return {name: figures(servers[name], before[name], results[name].result()) for name in servers}
 
 
 def main() -> int:
@@ -80,6 +115,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
     parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
     parser.add_argument("--models", default="half_plus_two,dense", help="which of half_plus_two,dense to load")
+    parser.add_argument("--together", action="store_true",
+                        help="load both servers at once in each round: they then share the machine's state "
+                             "(compare CPU per request; throughput then also depends on how the CPUs are shared)")
     args = parser.parse_args()
     rounds, seconds = (2, 2.0) if args.quick else (args.rounds, args.seconds)
     tmp = Path(tempfile.mkdtemp(prefix="remote-predict-batching-"))
@@ -99,22 +137,24 @@ def main() -> int:
         inputs = {"half_plus_two": {"x": np.array([[2.0]], np.float32)},
                   "dense": {"x": np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)}}
         inputs = {name: inputs[name] for name in args.models.split(",")}
-        print(f"# machine: {machine_description()}; concurrency {args.concurrency}, {rounds} rounds of {seconds:g} s")
+        mode = "both servers loaded at once" if args.together else "off then on"
+        print(f"# machine: {machine_description()}; concurrency {args.concurrency}, {rounds} rounds of {seconds:g} s, "
+              f"{mode}")
         print(f"# batching: {BATCHING}")
         header = ("model", "off req/s", "on req/s", "on/off", "off CPU/req", "on CPU/req", "on/off CPU",
-                  "off p50", "on p50", "rows/run on")
+                  "off p50", "on p50", "rows/run on", "switches/req off", "on")
         print(" | ".join(header))
-        with LoadGenerator(max(1, args.concurrency // 32)) as load:
+        processes = max(1, args.concurrency // 32)
+        with LoadGenerator(processes) as off_load, LoadGenerator(processes) as on_load:
+            loads = {"off": off_load, "on": on_load}
             for model, x in inputs.items():
                 jobs = {name: build_job("grpc", server.address, model, "serving_default", x)
                         for name, server in servers.items()}
                 for name in servers:  # warm up: callables, connections, thread pools
-                    load.run(jobs[name], args.concurrency, duration=1.0, warmup=0)
-                figures: dict[str, list[dict]] = {"off": [], "on": []}
-                for _ in range(rounds):
-                    for name, server in servers.items():
-                        figures[name].append(measure(load, server, jobs[name], args.concurrency, seconds))
-                off, on = figures["off"], figures["on"]
+                    loads[name].run(jobs[name], args.concurrency, duration=1.0, warmup=0)
+                rounds_run = [run_round(loads, servers, jobs, args.concurrency, seconds, args.together)
+                              for _ in range(rounds)]
+                off, on = [r["off"] for r in rounds_run], [r["on"] for r in rounds_run]
 
                 def med(runs, key):
                     return statistics.median(r[key] for r in runs)
@@ -125,10 +165,12 @@ def main() -> int:
                 print(" | ".join([
                     model, f"{med(off, 'rps'):.0f}", f"{med(on, 'rps'):.0f}", f"{speed:.2f}x{note}",
                     f"{med(off, 'cpu_us'):.0f} us", f"{med(on, 'cpu_us'):.0f} us", f"{cpu:.2f}x",
-                    f"{med(off, 'p50_ms'):.2f} ms", f"{med(on, 'p50_ms'):.2f} ms", f"{med(on, 'rows_per_run'):.1f}"]))
+                    f"{med(off, 'p50_ms'):.2f} ms", f"{med(on, 'p50_ms'):.2f} ms", f"{med(on, 'rows_per_run'):.1f}",
+                    f"{med(off, 'switches'):.1f}", f"{med(on, 'switches'):.1f}"]))
                 for i, (a, b) in enumerate(zip(off, on, strict=True)):
-                    print(f"#   round {i + 1}: off {a['rps']:.0f} req/s {a['cpu_us']:.0f} us/req, "
-                          f"on {b['rps']:.0f} req/s {b['cpu_us']:.0f} us/req {b['rows_per_run']:.1f} rows/run")
+                    print(f"#   round {i + 1}: off {a['rps']:.0f} req/s {a['cpu_us']:.0f} us/req {a['switches']:.1f} "
+                          f"switches/req, on {b['rps']:.0f} req/s {b['cpu_us']:.0f} us/req {b['switches']:.1f} "
+                          f"switches/req {b['rows_per_run']:.1f} rows/run")
     finally:
         for server in servers.values():
             server.stop()

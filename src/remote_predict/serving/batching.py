@@ -12,12 +12,13 @@ whose other dimensions differ; a request larger than `max_batch_size` is refused
 Why leader/follower and no batch threads: handing a request to a batch thread and its answer back costs
 two thread wake-ups (50-100 us each on a small VM), more than a small model's whole Session run, so a
 batcher with its own threads made every request slower when there was nothing to merge. Here the
-request threads run the batches themselves. A request that finds a free run slot and nobody queued for
-its model runs at once in its own thread (two lock round trips extra, no wake-up). Requests arriving
-while `num_batch_threads` batches run queue; when a run ends, its thread takes the next batch off the
-queue and hands it to one of the waiting requests in it, which runs the merged batch in its own thread
-and wakes the others with their rows. Only waiting requests pay a wake-up, and they would have waited
-anyway.
+request threads run the batches themselves. A request that finds a free run slot and nobody queued runs
+at once in its own thread: it claims a slot lock without blocking and takes no other lock, no thread
+hand-off. Requests arriving while `num_batch_threads` batches run queue; when a run ends, its thread
+takes the next batch off the queue and hands it to one of the waiting requests in it, which runs the
+merged batch in its own thread and wakes the others with their rows. Only waiting requests pay a
+wake-up (one each), and each merged request saves a Session run, itself two thread hand-offs inside
+TensorFlow.
 
 Deadlines: `Batcher.run(..., deadline=)` takes the request's absolute `time.monotonic()` deadline. A
 request still queued at its deadline is answered DEADLINE_EXCEEDED and never run. A merged run's
@@ -264,6 +265,7 @@ class _Queue:
 class _Job:
     queue: _Queue
     tasks: list[_Task]
+    slot: threading.Lock  # the run slot it holds
 
 
 # -------------------------------------------------------------------------------------------- batcher
@@ -280,7 +282,9 @@ class Batcher:
         self._queue_limit = options.max_enqueued_batches * self._capacity
         self._lock = threading.Lock()
         self._queues: dict[Hashable, _Queue] = {}
-        self._running = 0  # batches running, at most num_batch_threads
+        # One lock per run slot (num_batch_threads of them), claimed without blocking: the fast path
+        # never takes the batcher's lock, so requests that merge nothing never queue for it either.
+        self._slots = [threading.Lock() for _ in range(options.num_batch_threads)]
         self._closed = False
 
     @property
@@ -313,16 +317,12 @@ class Batcher:
             return servable.run(signature, inputs, aliases, session_timeout_ms(deadline, time.monotonic()))
         target_key = self._key(servable, signature, aliases, inputs)
         if size <= self._capacity and (self._timeout == 0 or size == self._capacity):
-            with self._lock:
-                alone = self._claim_alone(target_key)
-            if alone:
+            slot = self._claim_alone()
+            if slot is not None:
                 try:
                     return self._run_alone(_Target(servable, signature, aliases), inputs, size, deadline)
                 finally:
-                    with self._lock:
-                        self._running -= 1
-                        if self._queues:
-                            self._dispatch(None)
+                    self._release(slot)
         return self._run_queued(target_key, _Target(servable, signature, aliases), inputs, size, deadline)
 
     def _key(self, servable: Servable, signature: Signature, aliases: tuple[str, ...],
@@ -335,14 +335,28 @@ class Batcher:
             shapes = tuple((alias, array.dtype, array.shape[1:]) for alias, array in sorted(inputs.items()))
         return servable, signature.key, aliases, shapes
 
-    def _claim_alone(self, key: Hashable) -> bool:
-        """A run slot for a request that nobody waits with (the fast path), or False."""
+    def _claim_alone(self) -> threading.Lock | None:
+        """A run slot for a request that finds nobody queued (the fast path), or None.
+
+        Read without the batcher's lock: a queue created meanwhile is seen by the next request, and a slot
+        claimed here is offered to the queues when it is released, so no queued batch is forgotten.
+        """
         if self._closed:
             raise ServingError(Code.UNAVAILABLE, "the server is shutting down")
-        if key in self._queues or self._running >= self.options.num_batch_threads:
-            return False
-        self._running += 1
-        return True
+        return None if self._queues else self._claim_slot()
+
+    def _claim_slot(self) -> threading.Lock | None:
+        for slot in self._slots:
+            if slot.acquire(False):
+                return slot
+        return None
+
+    def _release(self, slot: threading.Lock) -> None:
+        """Free a run slot, then offer the free slots to waiting batches (in this order: see _dispatch)."""
+        slot.release()
+        if self._queues:
+            with self._lock:
+                self._dispatch(None)
 
     def _run_alone(self, target: _Target, inputs: Mapping[str, np.ndarray], size: int,
                    deadline: float | None) -> dict[str, np.ndarray]:
@@ -450,19 +464,30 @@ class Batcher:
     # -------------------------------------------------------------------------------- batch side
 
     def _dispatch(self, current: _Waiter | None) -> None:
-        """Hand closed batches to waiting requests while run slots are free. Called with the lock held."""
+        """Hand closed batches to waiting requests while run slots are free. Called with the lock held.
+
+        Whoever frees a slot calls this after freeing it, and whoever queues a task calls it after
+        queueing, so a free slot and a closed batch never both wait.
+        """
         if not self._queues:
             return
         now = time.monotonic()
-        while self._running < self.options.num_batch_threads:
+        while True:
             ready = [q for q in self._queues.values()
                      if q.rows >= self._capacity or now - q.tasks[0].enqueued >= self._timeout]
             ready.sort(key=lambda q: q.tasks[0].enqueued)
-            if not any(self._take(queue, current, now) for queue in ready):
-                return
+            for queue in ready:
+                outcome = self._take(queue, current, now)
+                if outcome is None:
+                    return  # no free slot
+                if outcome:
+                    break
+            else:
+                return  # nothing ready, or nobody free to run it
 
-    def _take(self, queue: _Queue, current: _Waiter | None, now: float) -> bool:
-        """Give `queue`'s next batch to one of its waiting requests; False when none of them is free."""
+    def _take(self, queue: _Queue, current: _Waiter | None, now: float) -> bool | None:
+        """Give `queue`'s next batch to one of its waiting requests: False when none of them is free to
+        run it, None when no run slot is."""
         batch, rows = [], 0
         for task in queue.tasks:
             if rows + task.size > self._capacity:
@@ -473,6 +498,9 @@ class Batcher:
         candidates = [i for i, task in enumerate(batch) if task.owner.idle]
         if not candidates:
             return False
+        slot = self._claim_slot()
+        if slot is None:
+            return None
         mine = next((n for n, i in enumerate(candidates) if batch[i].owner is current), None)
         pick = choose_runner([batch[i].deadline for i in candidates], mine, now, queue.run_seconds)
         runner = batch[candidates[pick]].owner
@@ -481,8 +509,7 @@ class Batcher:
         queue.rows -= rows
         for task in batch:
             task.state = _State.TAKEN
-        runner.job = _Job(queue, batch)
-        self._running += 1
+        runner.job = _Job(queue, batch, slot)
         if runner is not current:
             runner.wake()
         self._after_head_change(queue, True)
@@ -493,9 +520,9 @@ class Batcher:
         started = time.monotonic()
         self._execute_tasks(job.queue.target, job.tasks)
         job.queue.run_seconds = time.monotonic() - started
+        job.slot.release()
         with self._lock:
             runner.job = None
-            self._running -= 1
             self._dispatch(runner)  # first keep the run slot busy, then answer
             for task in job.tasks:
                 if task.state is _State.TAKEN:
