@@ -1,11 +1,13 @@
 """Does batching ever cost more than no batching? Throughput and server CPU per request, off vs on.
 
     .venv/bin/python benchmarks/batching.py [--quick] [--rounds N] [--seconds S] [--concurrency C]
+                                            [--together] [--compare OTHER_CHECKOUT/src]
 
 Two `remote-predict serve` processes serve the same models, one without and one with `--enable_batching`
 (the batching parameters of the suite's scenario 6). Closed-loop gRPC clients (`remote-predict bench`'s
 load generator, in their own processes) drive each at the same concurrency, rounds alternating off and
-on, so each ratio compares two runs that saw the same machine. Per round it records requests/s, p50, the
+on, so each ratio compares two runs that saw the same machine (`--compare` adds a batching server running
+another checkout's code, to compare two batchers in the same rounds). Per round it records requests/s, p50, the
 server process's own CPU time per request (user + system, from psutil), and on the batching server the
 mean rows per Session run (from its Prometheus batch-size histogram), and the server threads' voluntary
 context switches per request (how often a thread went to sleep: thread hand-offs, and waits for the GIL,
@@ -111,13 +113,16 @@ def run_round(loads: dict[str, LoadGenerator], servers: dict[str, ServerProcess]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s (a smoke run)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds, each running off then on")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, each running every server once")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
-    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients per server")
     parser.add_argument("--models", default="half_plus_two,dense", help="which of half_plus_two,dense to load")
     parser.add_argument("--together", action="store_true",
-                        help="load both servers at once in each round: they then share the machine's state "
+                        help="load every server at once in each round: they then share the machine's state "
                              "(compare CPU per request; throughput then also depends on how the CPUs are shared)")
+    parser.add_argument("--compare", action="append", default=[], metavar="SRC",
+                        help="also a batching server running the remote_predict package found in SRC (another "
+                             "checkout's src directory), to compare two batchers in the same rounds")
     args = parser.parse_args()
     rounds, seconds = (2, 2.0) if args.quick else (args.rounds, args.seconds)
     tmp = Path(tempfile.mkdtemp(prefix="remote-predict-batching-"))
@@ -128,53 +133,55 @@ def main() -> int:
     (tmp / "monitoring.txt").write_text(f'prometheus_config: {{ enable: true, path: "{METRICS}" }}')
     common = (f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
               f"--grpc_max_threads={args.concurrency}", f"--monitoring_config_file={tmp / 'monitoring.txt'}")
-    servers = {"off": ServerProcess(*common, wait=False),
-               "on": ServerProcess(*common, "--enable_batching", f"--batching_parameters_file={tmp / 'batching.txt'}",
-                                   wait=False)}
+    batching = ("--enable_batching", f"--batching_parameters_file={tmp / 'batching.txt'}")
+    servers = {"off": ServerProcess(*common, wait=False), "on": ServerProcess(*common, *batching, wait=False)}
+    for src in args.compare:
+        servers[f"on@{src}"] = ServerProcess(*common, *batching, wait=False, env={"PYTHONPATH": src})
+    processes = max(1, args.concurrency // 32)
+    loads = {name: LoadGenerator(processes) for name in servers}
     try:
         for server in servers.values():
             server.wait_ready(timeout=180)
         inputs = {"half_plus_two": {"x": np.array([[2.0]], np.float32)},
                   "dense": {"x": np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)}}
         inputs = {name: inputs[name] for name in args.models.split(",")}
-        mode = "both servers loaded at once" if args.together else "off then on"
+        mode = "every server loaded at once" if args.together else "one server at a time"
         print(f"# machine: {machine_description()}; concurrency {args.concurrency}, {rounds} rounds of {seconds:g} s, "
               f"{mode}")
         print(f"# batching: {BATCHING}")
-        header = ("model", "off req/s", "on req/s", "on/off", "off CPU/req", "on CPU/req", "on/off CPU",
-                  "off p50", "on p50", "rows/run on", "switches/req off", "on")
-        print(" | ".join(header))
-        processes = max(1, args.concurrency // 32)
-        with LoadGenerator(processes) as off_load, LoadGenerator(processes) as on_load:
-            loads = {"off": off_load, "on": on_load}
-            for model, x in inputs.items():
-                jobs = {name: build_job("grpc", server.address, model, "serving_default", x)
-                        for name, server in servers.items()}
-                for name in servers:  # warm up: callables, connections, thread pools
-                    loads[name].run(jobs[name], args.concurrency, duration=1.0, warmup=0)
-                rounds_run = [run_round(loads, servers, jobs, args.concurrency, seconds, args.together)
-                              for _ in range(rounds)]
-                off, on = [r["off"] for r in rounds_run], [r["on"] for r in rounds_run]
-
-                def med(runs, key):
-                    return statistics.median(r[key] for r in runs)
-
-                speed = statistics.median(b["rps"] / a["rps"] for a, b in zip(off, on, strict=True))
-                cpu = statistics.median(b["cpu_us"] / a["cpu_us"] for a, b in zip(off, on, strict=True))
-                note = " (client saturated)" if any(r["saturated"] for r in off + on) else ""
+        print(" | ".join(("model", "server", "req/s", "vs off", "CPU/req", "vs off", "p50", "rows/run",
+                          "switches/req")))
+        for model, x in inputs.items():
+            jobs = {name: build_job("grpc", server.address, model, "serving_default", x)
+                    for name, server in servers.items()}
+            for name in servers:  # warm up: callables, connections, thread pools
+                loads[name].run(jobs[name], args.concurrency, duration=1.0, warmup=0)
+            rounds_run = [run_round(loads, servers, jobs, args.concurrency, seconds, args.together)
+                          for _ in range(rounds)]
+            for name in servers:
+                runs = [r[name] for r in rounds_run]
+                # Ratios are taken within each round (the same minute of a drifting machine), then the median.
+                speed = statistics.median(r[name]["rps"] / r["off"]["rps"] for r in rounds_run)
+                cpu = statistics.median(r[name]["cpu_us"] / r["off"]["cpu_us"] for r in rounds_run)
+                note = " (client saturated)" if any(r["saturated"] for r in runs) else ""
                 print(" | ".join([
-                    model, f"{med(off, 'rps'):.0f}", f"{med(on, 'rps'):.0f}", f"{speed:.2f}x{note}",
-                    f"{med(off, 'cpu_us'):.0f} us", f"{med(on, 'cpu_us'):.0f} us", f"{cpu:.2f}x",
-                    f"{med(off, 'p50_ms'):.2f} ms", f"{med(on, 'p50_ms'):.2f} ms", f"{med(on, 'rows_per_run'):.1f}",
-                    f"{med(off, 'switches'):.1f}", f"{med(on, 'switches'):.1f}"]))
-                for i, (a, b) in enumerate(zip(off, on, strict=True)):
-                    print(f"#   round {i + 1}: off {a['rps']:.0f} req/s {a['cpu_us']:.0f} us/req {a['switches']:.1f} "
-                          f"switches/req, on {b['rps']:.0f} req/s {b['cpu_us']:.0f} us/req {b['switches']:.1f} "
-                          f"switches/req {b['rows_per_run']:.1f} rows/run")
+                    model, name, f"{_median(runs, 'rps'):.0f}{note}", f"{speed:.2f}x",
+                    f"{_median(runs, 'cpu_us'):.0f} us", f"{cpu:.2f}x", f"{_median(runs, 'p50_ms'):.2f} ms",
+                    f"{_median(runs, 'rows_per_run'):.1f}", f"{_median(runs, 'switches'):.1f}"]))
+            for i, r in enumerate(rounds_run):
+                print(f"#   round {i + 1}: " + "; ".join(
+                    f"{name} {f['rps']:.0f} req/s {f['cpu_us']:.0f} us/req {f['rows_per_run']:.1f} rows/run"
+                    for name, f in r.items()))
     finally:
+        for load in loads.values():
+            load.close()
         for server in servers.values():
             server.stop()
     return 0
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 if __name__ == "__main__":
