@@ -23,9 +23,9 @@ from remote_predict.serving.batching import (
     BatchingOptions,
     choose_runner,
     parameters_from_file,
-    session_timeout_ms,
     split_sizes,
 )
+from remote_predict.serving.servable import run_timeout_ms
 
 # ------------------------------------------------------------------------------------- parameters
 
@@ -61,11 +61,12 @@ def test_execution_batch_larger_than_max_batch_is_refused_at_start_up(tmp_path):
 
 
 def test_decisions():
-    assert session_timeout_ms(None, 5.0) == 0
-    assert session_timeout_ms(5.0 + 0.0001, 5.0) == 1
-    assert session_timeout_ms(5.0 + 0.1, 5.0) == 128  # rounded up, never below what is left
-    assert session_timeout_ms(5.0 - 1.0, 5.0) == 1
-    assert len({session_timeout_ms(5.0 + s / 1000, 5.0) for s in range(1, 86_400_000, 997)}) <= 27
+    assert run_timeout_ms(None, 5.0) == 0
+    assert run_timeout_ms(5.0 + 0.0001, 5.0) == 1
+    assert 100 <= run_timeout_ms(5.0 + 0.1, 5.0) <= 125  # rounded up, never below what is left, 25 % at most
+    assert run_timeout_ms(5.0 - 1.0, 5.0) == 1
+    steps = {run_timeout_ms(5.0 + s / 1000, 5.0) for s in range(1, 86_400_000, 997)}
+    assert len(steps) <= 82  # few callables per signature, whatever the deadlines (up to a day)
     # The runner is the request with the latest deadline (None: none) ...
     assert choose_runner([1.0, None, 2.0], None, 0.0, None) == 1
     assert choose_runner([1.0, 3.0, 2.0], 0, 0.0, None) == 1
@@ -118,6 +119,27 @@ def test_concurrent_requests_merge_and_each_gets_its_own_answer(tmp_path):
         # 24 requests of 100 ms each, one run at a time: they ran in a few batches, not 24 runs.
         count, rows = batches(s)
         assert rows == 24 and count <= 6
+
+
+def test_a_grpc_deadline_bounds_the_time_in_the_batch_queue(tmp_path):
+    """The client's deadline reaches the batcher: a request queued behind a long run gives up at it,
+    server side, and is never run."""
+    models.slow_scale(tmp_path / "slower" / "1", 2.0, delay_ms=1500)
+    config = write_config(tmp_path / "slower.config", {"slower": tmp_path / "slower"})
+    (tmp_path / "b.txt").write_text("max_batch_size { value: 8 } num_batch_threads { value: 1 }")
+    with InProcessServer(f"--model_config_file={config}", "--enable_batching",
+                         f"--batching_parameters_file={tmp_path / 'b.txt'}") as s, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(s.predict, "slower", {"x": np.ones((1, 1), np.float32)})
+        wait_until(lambda: batches(s)[0] == 1, 30, "the first request's run to start")
+        with pytest.raises(grpc.RpcError) as caught:
+            s.predict("slower", {"x": np.ones((1, 1), np.float32)}, timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        registry = s.server.metrics.registry
+        wait_until(lambda: registry.get_sample_value("remote_predict_requests_total", {
+            "model": "slower", "api": "predict", "protocol": "grpc", "code": "DEADLINE_EXCEEDED"}) == 1, 5,
+            "the server to answer the queued request DEADLINE_EXCEEDED")
+        assert first.result(timeout=30).outputs["y"].float_val == [2.0]
+        assert batches(s) == (1, 1), "the late request never ran"
 
 
 def test_without_batch_timeout_requests_merge_while_a_batch_runs(tmp_path):

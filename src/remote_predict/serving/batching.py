@@ -47,7 +47,7 @@ import numpy as np
 from remote_predict.errors import Code, ServingError, invalid_argument
 from remote_predict.serving import config as config_lib
 from remote_predict.serving import config_protos
-from remote_predict.serving.servable import Servable, Signature
+from remote_predict.serving.servable import Servable, Signature, run_timeout_ms
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +120,6 @@ def parameters_from_file(path: str) -> BatchingOptions:
 
 
 # ------------------------------------------------------------------------------------------ decisions
-
-
-def session_timeout_ms(deadline: float | None, now: float) -> int:
-    """The Session timeout for a run that must not outlive `deadline` (0: no deadline, no timeout).
-
-    Rounded up to a power of two milliseconds: a Session callable is built per timeout value, so the
-    values must be few (at most 27 up to a day), and rounding up never cancels a run before its deadline.
-    """
-    if deadline is None:
-        return 0
-    remaining = max(1, math.ceil((deadline - now) * 1000))
-    return 1 << (remaining - 1).bit_length()
 
 
 def choose_runner(deadlines: Sequence[float | None], current: int | None, now: float,
@@ -314,7 +302,7 @@ class Batcher:
         if not size:
             # Scalars, inputs of different first dimensions and empty requests cannot be merged: they run
             # on their own, still bounded by their deadline (and never as an empty batch).
-            return servable.run(signature, inputs, aliases, session_timeout_ms(deadline, time.monotonic()))
+            return servable.run(signature, inputs, aliases, run_timeout_ms(deadline))
         target_key = self._key(servable, signature, aliases, inputs)
         if size <= self._capacity and (self._timeout == 0 or size == self._capacity):
             slot = self._claim_alone()
@@ -547,7 +535,7 @@ class Batcher:
         try:
             if self.on_batch is not None:
                 self.on_batch(rows)
-            timeout_ms = session_timeout_ms(latest, time.monotonic())
+            timeout_ms = run_timeout_ms(latest)
             size = padded_size(rows, self.options.allowed_batch_sizes)
             if len(live) == 1 and size == rows:
                 results = [target.servable.run(target.signature, live[0].inputs, target.aliases, timeout_ms)]

@@ -76,11 +76,10 @@ class DataPlane:
         """Check and run one Predict. `deadline` (time.monotonic(), or None) bounds its queueing and its
         Session run, whichever front-end it came from, and the RemotePredict calls it makes."""
         aliases = check_predict_request(signature, inputs, output_filter)
-        timeout_ms = servable_lib.run_timeout_ms(deadline)
         with request_context.scope(deadline):
             if self.batcher is not None:
-                return self.batcher.run(handle.servable, signature, inputs, aliases)
-            return handle.servable.run(signature, inputs, aliases, timeout_ms)
+                return self.batcher.run(handle.servable, signature, inputs, aliases, deadline=deadline)
+            return handle.servable.run(signature, inputs, aliases, servable_lib.run_timeout_ms(deadline))
 
     def predict_arrays(
         self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
