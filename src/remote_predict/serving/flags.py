@@ -111,7 +111,7 @@ _HELP = {
                            "versions without one are served from their SavedModel",
     "num_tflite_pools": "TFLite interpreters per loaded TFLite version: the requests it runs at once (0: one)",
     "enable_profiler": "serve tensorflow.ProfilerService on the gRPC port (for tf.profiler.experimental.client."
-                       "trace); TensorFlow's profiler server starts on the first profiling call",
+                       "trace), answered in this process; no other port opens",
     "host": "(remote-predict) address to bind; 127.0.0.1 for loopback only",
     "remote_predict_allowed_targets": "(remote-predict) comma-separated host:port globs RemotePredict ops may "
                                       "call (empty: any)",
