@@ -100,10 +100,9 @@ def test_hung_leaf_times_out_and_does_not_starve_others(tmp_path):
     during = [o for o in outcomes if stopped_at + 0.2 <= o.started < resumed_at - DEADLINE_MS / 1000]
     hung_calls = [o for o in during if o.model == "to_hung"]
     assert {o.code for o in hung_calls} <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}, summary
-    # The probe waits: its deadline (DEADLINE_EXCEEDED), or until the channel's keepalive finds the
-    # connection dead, 1.5 s without an answer to a ping (UNAVAILABLE).
-    waited = [o.seconds for o in hung_calls if o.seconds >= 1.0]
-    assert waited and max(waited) < DEADLINE_MS / 1000 + 1.0, summary
+    # No call outlives its deadline by much: the probe is re-sent on a fresh connection (each channel has its
+    # own), whose connect to a stopped process times out; or it waits for its deadline or the keepalive.
+    assert max(o.seconds for o in hung_calls) < DEADLINE_MS / 1000 + 1.0, summary
     # The probe waits its deadline; the other calls are cancelled or fail at once instead of each
     # holding a thread for the whole deadline.
     assert sorted(o.seconds for o in hung_calls)[len(hung_calls) // 2] < DEADLINE_MS / 1000 / 4, summary
