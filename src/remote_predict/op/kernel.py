@@ -3,6 +3,9 @@
 `call_remote` is the whole behaviour on numpy values (testable without a graph); `RemotePredictKernel`
 adapts it to the EagerPyFunc calling convention: inputs are `[input_tensor_aliases, *input_tensors,
 output_tensor_aliases]`, outputs are `[status_code, status_error_message, *output_tensors]`.
+
+With tracing on, a call goes through `fanout.predict_many` (one call), which gives it its CLIENT span
+and sends that span's context on. Either way its time counts in the request's `remote` stage.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from remote_predict import tensor_codec
 from remote_predict.errors import Code, ServingError
-from remote_predict.op import addresses, request_context
+from remote_predict.op import addresses, fanout, request_context
 from remote_predict.op.config import OpConfig
 from remote_predict.op.errors import RemotePredictError
 from remote_predict.op.runtime import CallRecord, OpRuntime, runtime_for
@@ -121,7 +124,10 @@ def call_remote(
             )
         stub = runtime.stub_for(target)
         request = build_request(config, output_aliases)
-        answer = call_stub(stub, request, _named_inputs(input_aliases, inputs), timeout)
+        if runtime.tracing is None:
+            answer = call_stub(stub, request, _named_inputs(input_aliases, inputs), timeout)
+        else:
+            answer = _traced_call(runtime, fanout.Call(target, request, _named_inputs(input_aliases, inputs)), timeout)
         outputs = _check_outputs(config, answer, output_aliases)
         code, message = Code.OK, ""
     except (StubError, ServingError) as e:
@@ -133,8 +139,19 @@ def call_remote(
         code, message = Code.UNAVAILABLE, describe_failure(
             config, "cancelled: another call to the target has waited a quarter of its deadline; "
             "failing fast until it answers again")
-    runtime.report(CallRecord(target, config.model_name, code, message, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    stages = request_context.current().stages
+    if stages is not None:
+        stages.add_remote(seconds)
+    runtime.report(CallRecord(target, config.model_name, code, message, seconds))
     return code, message, outputs
+
+
+def _traced_call(runtime: OpRuntime, call: fanout.Call, timeout: float) -> dict[str, np.ndarray]:
+    result = fanout.predict_many(runtime, [call], timeout)[0]
+    if result.code != Code.OK:
+        raise StubError(result.code, result.message)
+    return result.outputs
 
 
 def describe_failure(config: OpConfig, message: str) -> str:

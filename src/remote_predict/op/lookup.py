@@ -17,6 +17,12 @@ the number of tables it holds. In one pass, in numpy:
 With `--remote_predict_cache_mib`, rows a cache holds (`row_cache`) are not asked for at all.
 
 The answer equals `tf.gather(table, ids)` bit for bit: the rows are the table's own bytes, never computed.
+
+The time a request waits for its rows counts in its `remote` stage. With tracing on, each request gets a
+`lookup` span (child of its `run`). The shard calls of a batch are made by one request, its leader: they
+are CLIENT spans (`fanout`) under the leader's `lookup` span, which links to the `lookup` span of every
+other request of the batch, and each of those links back to the leader's; so a request whose rows came in
+another request's batch shows it, and the batch shows every request it served.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from remote_predict import tensor_codec
+from remote_predict import tracing as tracing_attrs
 from remote_predict.errors import Code, ServingError
 from remote_predict.op import fanout, pyfunc_registry, request_context, tokens
 from remote_predict.op.coalesce import Coalescer
@@ -149,12 +156,14 @@ class _Table:
             self.cache.admit(self.unique[self.missing], self.rows[self.missing])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Request:
     """A request's lookups, ready to batch: per table, the ids of all its inputs of that table, in order."""
 
     ids: dict[int, np.ndarray]
     deadline: float
+    span_context: object | None = None  # its `lookup` span (tracing on)
+    leader_span_context: object | None = None  # the `lookup` span of the request that made its batch's calls
 
 
 class LookupKernel:
@@ -187,17 +196,55 @@ class LookupKernel:
         if timeout <= 0:
             raise ServingError(Code.DEADLINE_EXCEEDED, "the request's own deadline has passed; not calling the shards")
         request = _Request(by_table, time.monotonic() + timeout)
-        rows = self.coalescer.run(request, lambda batch: self._fetch(batch, runtime), request.deadline)
+        started = time.perf_counter()
+        try:
+            if runtime.tracing is None:
+                rows = self.coalescer.run(request, lambda batch: self._fetch(batch, runtime), request.deadline)
+            else:
+                rows = self._traced_lookup(request, runtime)
+        finally:
+            stages = request_context.current().stages
+            if stages is not None:
+                stages.add_remote(time.perf_counter() - started)
         outputs, offsets = [], dict.fromkeys(by_table, 0)
         for t, ids, f in zip(config.inputs, inputs, flat, strict=True):
             outputs.append(rows[t][offsets[t]:offsets[t] + len(f)].reshape((*ids.shape, config.tables[t].dim)))
             offsets[t] += len(f)
         return outputs
 
+    def _traced_lookup(self, request: _Request, runtime: OpRuntime) -> dict[int, np.ndarray]:
+        tracing = runtime.tracing
+        span = tracing.start("lookup", attributes={tracing_attrs.MODEL: self.config.models[0].rsplit("_shard_", 1)[0]})
+        request.span_context = span.get_span_context()
+        code, message = Code.OK, ""
+        try:
+            with tracing.current(span):
+                return self.coalescer.run(request, lambda batch: self._fetch(batch, runtime), request.deadline)
+        except ServingError as e:
+            code, message = e.code, e.message
+            raise
+        except BaseException as e:
+            code, message = Code.INTERNAL, f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            leader = request.leader_span_context
+            if leader is not None and leader != request.span_context:
+                span.add_link(leader)
+            tracing.end(span, code, message)
+
     def _fetch(self, batch: Sequence[_Request], runtime: OpRuntime) -> list[dict[int, np.ndarray]]:
         """Rows for every request of the batch: each distinct id asked of its shard once, all shards at once
         (within the latest deadline of the batch: each request's own is kept by its wait)."""
         config = self.config
+        tracing = runtime.tracing
+        if tracing is not None:  # this thread's current span is the leader's `lookup` span
+            leader = tracing.current_span_context()
+            span = tracing.current_span()
+            span.set_attribute(tracing_attrs.LOOKUP_REQUESTS, len(batch))
+            for other in batch:
+                other.leader_span_context = leader
+                if other.span_context is not None and other.span_context != leader:
+                    span.add_link(other.span_context)
         shards = len(config.targets)
         deadline = max(request.deadline for request in batch)
         tables = {}
@@ -221,7 +268,7 @@ class LookupKernel:
             if not any(len(v) for v in ids.values()):
                 continue
             request.output_filter.extend(ids)
-            calls.append(fanout.Call(config.targets[shard], request, ids))
+            calls.append(fanout.Call(config.targets[shard], request, ids, shard=shard))
             placements.append((shard, where))
         started = time.perf_counter()
         results = fanout.predict_many(runtime, calls, deadline - time.monotonic()) if calls else []

@@ -1,4 +1,5 @@
-"""What a RemotePredict call inherits from the request that made it: its deadline and its trace context.
+"""What a RemotePredict call inherits from the request that made it: its deadline, its trace context, and
+the ledger of where its time goes.
 
 A call must never outlive the request it serves (a client that gave up after 50 ms must not leave
 2-second calls running on the shards), and its trace must continue the request's. The server sets both
@@ -7,7 +8,11 @@ Our server runs a model's RemotePredict calls in the request's thread whenever t
 split master, every model with one RemotePredict op): TensorFlow then runs the graph in the calling
 thread, and thread-local state crosses into the kernel. A model whose several RemotePredict ops run
 concurrently on TensorFlow's inter-op pool does not see it: its calls are bounded by their own
-`max_rpc_deadline_millis` only.
+`max_rpc_deadline_millis` only, their calls do not count in its `remote` stage, and (with tracing on)
+their client spans start traces of their own instead of joining the request's.
+
+`metadata` holds the W3C headers the op sends on: the request's own (passed through as they came), or,
+with tracing on, those of the client span of the call being made (the kernel opens a nested scope).
 """
 
 from __future__ import annotations
@@ -19,10 +24,28 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
+class StageTimes:
+    """Seconds a request spent in each stage (None: it did not pass that stage), for the per-stage
+    histograms. The server makes one per request; what runs in the request's thread adds to it."""
+
+    __slots__ = ("decode", "encode", "queue", "remote", "run")
+
+    def __init__(self) -> None:
+        self.decode: float | None = None
+        self.queue: float | None = None
+        self.run: float | None = None
+        self.remote: float | None = None  # RemotePredict calls and lookups made by the request's thread
+        self.encode: float | None = None
+
+    def add_remote(self, seconds: float) -> None:
+        self.remote = seconds if self.remote is None else self.remote + seconds
+
+
 @dataclass(frozen=True)
 class RequestContext:
     deadline: float | None = None  # time.monotonic() by which the request must be answered
     metadata: Mapping[str, str] = field(default_factory=dict)  # W3C trace context headers to send on
+    stages: StageTimes | None = None  # where the request's time goes (None: nobody is counting)
 
     def remaining(self, now: float | None = None) -> float | None:
         if self.deadline is None:
@@ -39,12 +62,15 @@ def current() -> RequestContext:
 
 
 @contextlib.contextmanager
-def scope(deadline: float | None = None, metadata: Mapping[str, str] | None = None) -> Iterator[RequestContext]:
-    """Make `deadline` (absolute, monotonic) and `metadata` the current request's for this thread."""
+def scope(deadline: float | None = None, metadata: Mapping[str, str] | None = None,
+          stages: StageTimes | None = None) -> Iterator[RequestContext]:
+    """Make `deadline` (absolute, monotonic), `metadata` and `stages` the current request's for this thread
+    (None: keep the enclosing scope's)."""
     previous = current()
     if previous.deadline is not None and (deadline is None or previous.deadline < deadline):
         deadline = previous.deadline  # a nested scope can only shorten the deadline
-    context = RequestContext(deadline, dict(metadata) if metadata is not None else previous.metadata)
+    context = RequestContext(deadline, dict(metadata) if metadata is not None else previous.metadata,
+                             stages if stages is not None else previous.stages)
     _local.context = context
     try:
         yield context

@@ -21,6 +21,7 @@ from remote_predict.op import targets
 from remote_predict.op.breaker import CircuitBreaker
 from remote_predict.op.failure_log import FailureLog
 from remote_predict.op.row_cache import RowCaches
+from remote_predict.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,10 @@ _live_lock = threading.Lock()
 
 
 class OpRuntime:
-    def __init__(self, settings: OpSettings | None = None, name: str = "process"):
+    def __init__(self, settings: OpSettings | None = None, name: str = "process", tracing: Tracing | None = None):
         self.settings = settings or OpSettings()
         self.name = name
+        self.tracing = tracing  # the server's tracer: client spans for the calls (None: tracing off)
         self.observers = Observers(calls=[FailureLog()])
         self.breaker = CircuitBreaker(self.settings.max_inflight_per_target)
         self.row_caches = RowCaches(int(self.settings.cache_mib * (1 << 20)))

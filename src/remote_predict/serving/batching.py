@@ -28,6 +28,11 @@ goes on for the rest.
 
 Queues exist only while requests wait in them: a queue is dropped the moment it empties, so nothing
 outlives an unloaded version and a scan for work sees only queues that have work.
+
+Telemetry (`served=`, see telemetry.py): a run is timed, and traced, in the thread that runs it, as the
+runner request's `run` stage and span; every request then records, in its own thread, its `queue` stage
+(and span) and, when another request's thread ran its batch, that run's time as its own `run` stage,
+with a `run` span linked to the runner's, which holds the run's RemotePredict calls.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from remote_predict import tracing
 from remote_predict.errors import Code, ServingError, invalid_argument
 from remote_predict.serving import config as config_lib
 from remote_predict.serving import config_protos
 from remote_predict.serving.servable import Servable, Signature, run_timeout_ms
+from remote_predict.serving.telemetry import Served, Telemetry, outcome
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +219,38 @@ class _Waiter:
         self.signal.acquire(True, -1 if seconds is None else seconds)
 
 
-class _Task:
-    __slots__ = ("deadline", "enqueued", "error", "inputs", "outputs", "owner", "queue", "size", "state")
+@dataclass(frozen=True)
+class BatchRun:
+    """One Session run of a batch, as each of its requests records it (monotonic times)."""
 
-    def __init__(self, owner: _Waiter | None, inputs: Mapping[str, np.ndarray], size: int, deadline: float | None):
+    started: float
+    finished: float
+    runner: Served | None  # the request whose thread ran it
+    span_context: object | None  # its `run` span (tracing on)
+    remote: float | None  # seconds its RemotePredict calls took
+    rows: int
+    requests: int
+    code: Code
+    message: str
+
+
+class _Task:
+    __slots__ = ("deadline", "enqueued", "error", "inputs", "outputs", "owner", "queue", "ran", "served", "size",
+                 "state")
+
+    def __init__(self, owner: _Waiter | None, inputs: Mapping[str, np.ndarray], size: int, deadline: float | None,
+                 served: Served | None = None):
         self.owner = owner
         self.inputs = inputs
         self.size = size
         self.deadline = deadline
+        self.served = served
         self.enqueued = time.monotonic()
         self.queue: _Queue | None = None
         self.state = _State.QUEUED
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
+        self.ran: BatchRun | None = None
 
 
 class _Target:
@@ -262,9 +288,11 @@ class _Job:
 class Batcher:
     """Merges concurrent requests into batches run by the requests' own threads (see the module docstring)."""
 
-    def __init__(self, options: BatchingOptions, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, options: BatchingOptions, on_batch: Callable[[int], None] | None = None,
+                 telemetry: Telemetry | None = None):
         self.options = options
         self.on_batch = on_batch
+        self.telemetry = telemetry or Telemetry()
         self._capacity = options.execution_batch_size
         self._timeout = options.batch_timeout_micros / 1e6
         self._queue_limit = options.max_enqueued_batches * self._capacity
@@ -289,8 +317,10 @@ class Batcher:
     # ------------------------------------------------------------------------------ request side
 
     def run(self, servable: Servable, signature: Signature, inputs: Mapping[str, np.ndarray],
-            output_aliases: Sequence[str], deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Run one request, merged with others where it can be; `deadline` is absolute `time.monotonic()`."""
+            output_aliases: Sequence[str], deadline: float | None = None,
+            served: Served | None = None) -> dict[str, np.ndarray]:
+        """Run one request, merged with others where it can be; `deadline` is absolute `time.monotonic()`;
+        `served` is the request's telemetry (None: none recorded)."""
         aliases = tuple(output_aliases)
         size = _batch_size(inputs)
         if size is not None and size > self.options.max_batch_size:
@@ -302,16 +332,17 @@ class Batcher:
         if not size:
             # Scalars, inputs of different first dimensions and empty requests cannot be merged: they run
             # on their own, still bounded by their deadline (and never as an empty batch).
-            return servable.run(signature, inputs, aliases, run_timeout_ms(deadline))
+            with self.telemetry.running(served):
+                return servable.run(signature, inputs, aliases, run_timeout_ms(deadline))
         target_key = self._key(servable, signature, aliases, inputs)
         if size <= self._capacity and (self._timeout == 0 or size == self._capacity):
             slot = self._claim_alone()
             if slot is not None:
                 try:
-                    return self._run_alone(_Target(servable, signature, aliases), inputs, size, deadline)
+                    return self._run_alone(_Target(servable, signature, aliases), inputs, size, deadline, served)
                 finally:
                     self._release(slot)
-        return self._run_queued(target_key, _Target(servable, signature, aliases), inputs, size, deadline)
+        return self._run_queued(target_key, _Target(servable, signature, aliases), inputs, size, deadline, served)
 
     def _key(self, servable: Servable, signature: Signature, aliases: tuple[str, ...],
              inputs: Mapping[str, np.ndarray]) -> Hashable:
@@ -347,15 +378,17 @@ class Batcher:
                 self._dispatch(None)
 
     def _run_alone(self, target: _Target, inputs: Mapping[str, np.ndarray], size: int,
-                   deadline: float | None) -> dict[str, np.ndarray]:
-        task = _Task(None, inputs, size, deadline)
-        self._execute_tasks(target, [task])
+                   deadline: float | None, served: Served | None) -> dict[str, np.ndarray]:
+        task = _Task(None, inputs, size, deadline, served)
+        self._execute_tasks(target, [task], served)
+        if served is not None:
+            served.stages.queue = 0.0  # it found a free run slot and nobody queued
         if task.error is not None:
             raise task.error
         return task.outputs
 
     def _run_queued(self, key: Hashable, target: _Target, inputs: Mapping[str, np.ndarray], size: int,
-                    deadline: float | None) -> dict[str, np.ndarray]:
+                    deadline: float | None, served: Served | None) -> dict[str, np.ndarray]:
         waiter = _Waiter()
         with self._lock:
             if self._closed:
@@ -372,7 +405,7 @@ class Batcher:
                 sizes = split_sizes(size, self._capacity, queue.rows)
                 offsets = np.cumsum([0, *sizes])
                 pieces = [{a: v[offsets[i]:offsets[i + 1]] for a, v in inputs.items()} for i in range(len(sizes))]
-            tasks = [_Task(waiter, piece, n, deadline) for piece, n in zip(pieces, sizes, strict=True)]
+            tasks = [_Task(waiter, piece, n, deadline, served) for piece, n in zip(pieces, sizes, strict=True)]
             self._queues[key] = queue
             for task in tasks:
                 task.queue = queue
@@ -380,6 +413,9 @@ class Batcher:
             queue.rows += size
             self._dispatch(waiter)
         expired = self._wait(waiter, tasks, deadline)
+        if served is not None:
+            self.telemetry.batched(served, tasks[0].enqueued, [t.ran for t in tasks if t.ran is not None],
+                                   time.monotonic())
         if expired is not None:
             raise expired
         for task in tasks:
@@ -506,7 +542,8 @@ class Batcher:
     def _execute(self, job: _Job, runner: _Waiter) -> None:
         """Run a batch given to this thread, free its run slot, wake the batch's other requests."""
         started = time.monotonic()
-        self._execute_tasks(job.queue.target, job.tasks)
+        runner_served = next((t.served for t in job.tasks if t.owner is runner), None)
+        self._execute_tasks(job.queue.target, job.tasks, runner_served)
         job.queue.run_seconds = time.monotonic() - started
         job.slot.release()
         with self._lock:
@@ -518,8 +555,9 @@ class Batcher:
                     if task.owner is not runner:
                         task.owner.wake()
 
-    def _execute_tasks(self, target: _Target, tasks: list[_Task]) -> None:
-        """Run the tasks as one batch; every task gets its outputs or an error. Never raises."""
+    def _execute_tasks(self, target: _Target, tasks: list[_Task], runner: Served | None = None) -> None:
+        """Run the tasks as one batch, in the thread of the request `runner` (its telemetry, or None); every
+        task gets its outputs or an error, and the run's BatchRun. Never raises."""
         now = time.monotonic()
         live = []
         for task in tasks:
@@ -532,29 +570,42 @@ class Batcher:
         rows = sum(task.size for task in live)
         deadlines = [task.deadline for task in live]
         latest = None if None in deadlines else max(deadlines)
+        started = time.monotonic()
+        remote_before = runner.stages.remote if runner is not None else None
+        span_context = None
+        error: BaseException | None = None
         try:
             if self.on_batch is not None:
                 self.on_batch(rows)
             timeout_ms = run_timeout_ms(latest)
             size = padded_size(rows, self.options.allowed_batch_sizes)
-            if len(live) == 1 and size == rows:
-                results = [target.servable.run(target.signature, live[0].inputs, target.aliases, timeout_ms)]
-            else:
-                outputs = target.servable.run(target.signature, self._merge(live, rows, size), target.aliases,
-                                              timeout_ms)
-                for alias, array in outputs.items():
-                    if array.ndim == 0 or array.shape[0] != size:
-                        raise ServingError(Code.INTERNAL, f"Batched output tensor {alias} has 0th dimension "
-                                                          f"{array.shape[:1]} != batch size {size}")
-                offsets = np.cumsum([0] + [t.size for t in live])
-                results = [{a: v[offsets[i]:offsets[i + 1]] for a, v in outputs.items()} for i in range(len(live))]
+            with self.telemetry.running(runner, {tracing.BATCH_ROWS: size, tracing.BATCH_REQUESTS: len(live)}) as span:
+                span_context = span.get_span_context() if span is not None else None
+                if len(live) == 1 and size == rows:
+                    results = [target.servable.run(target.signature, live[0].inputs, target.aliases, timeout_ms)]
+                else:
+                    outputs = target.servable.run(target.signature, self._merge(live, rows, size), target.aliases,
+                                                  timeout_ms)
+                    for alias, array in outputs.items():
+                        if array.ndim == 0 or array.shape[0] != size:
+                            raise ServingError(Code.INTERNAL, f"Batched output tensor {alias} has 0th dimension "
+                                                              f"{array.shape[:1]} != batch size {size}")
+                    offsets = np.cumsum([0] + [t.size for t in live])
+                    results = [{a: v[offsets[i]:offsets[i + 1]] for a, v in outputs.items()}
+                               for i in range(len(live))]
         except BaseException as e:  # every request of the batch gets the error
-            results = None
+            results, error = None, e
             for task in live:
                 task.error = e
+        finished = time.monotonic()
+        if runner is not None:
+            remote = runner.stages.remote
+            remote = None if remote is None else remote - (remote_before or 0.0)
+            ran = BatchRun(started, finished, runner, span_context, remote, size, len(live), *outcome(error))
+            for task in live:
+                task.ran = ran
         if results is None:
             return
-        finished = time.monotonic()
         for task, result in zip(live, results, strict=True):
             if task.deadline is not None and task.deadline <= finished:
                 task.error = _deadline_exceeded(EXPIRED_IN_RUN)  # its answer came too late to be given

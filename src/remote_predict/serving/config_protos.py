@@ -1,8 +1,10 @@
-"""TF Serving's config messages that `tensorflow-serving-api` does not ship.
+"""TF Serving's config messages that `tensorflow-serving-api` does not ship, and remote-predict's own.
 
 BatchingParameters (session_bundle_config.proto), MonitoringConfig (monitoring_config.proto) and
 SSLConfig (ssl_config.proto) are built here from their public field names and numbers, so that the
-same text-format files TF Serving reads parse here with the same protobuf text parser.
+same text-format files TF Serving reads parse here with the same protobuf text parser. TracingConfig
+(`--tracing_config_file`) is ours, in the same text format; proto2, so that a field left out is told
+apart from one set to zero.
 """
 
 from __future__ import annotations
@@ -41,22 +43,36 @@ _MESSAGES = {
 }
 
 
-def _build():
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    file = descriptor_pb2.FileDescriptorProto(
-        name="remote_predict/tf_serving_extra_config.proto", package=_PACKAGE, syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"],
-    )
-    for name, fields in _MESSAGES.items():
-        message = file.message_type.add(name=name)
+_OWN_PACKAGE = "remote_predict"
+_OWN_MESSAGES = {
+    "TracingConfig": [
+        ("otlp_endpoint", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
+        ("sampling_ratio", 2, _F.TYPE_DOUBLE, _F.LABEL_OPTIONAL, None),
+        ("service_name", 3, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
+    ],
+}
+
+
+def _add_file(pool, name: str, package: str, syntax: str, messages: dict) -> None:
+    file = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax=syntax,
+                                              dependency=["google/protobuf/wrappers.proto"])
+    for message_name, fields in messages.items():
+        message = file.message_type.add(name=message_name)
         for field_name, number, kind, label, type_name in fields:
             field = message.field.add(name=field_name, number=number, type=kind, label=label)
             if type_name:
                 field.type_name = type_name
     pool.Add(file)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-            for name in _MESSAGES}
+
+
+def _build():
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    _add_file(pool, "remote_predict/tf_serving_extra_config.proto", _PACKAGE, "proto3", _MESSAGES)
+    _add_file(pool, "remote_predict/remote_predict_config.proto", _OWN_PACKAGE, "proto2", _OWN_MESSAGES)
+    found = {name: f"{_PACKAGE}.{name}" for name in _MESSAGES}
+    found.update({name: f"{_OWN_PACKAGE}.{name}" for name in _OWN_MESSAGES})
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(full)) for name, full in found.items()}
 
 
 _CLASSES = _build()
@@ -64,3 +80,4 @@ BatchingParameters = _CLASSES["BatchingParameters"]
 MonitoringConfig = _CLASSES["MonitoringConfig"]
 PrometheusConfig = _CLASSES["PrometheusConfig"]
 SSLConfig = _CLASSES["SSLConfig"]
+TracingConfig = _CLASSES["TracingConfig"]

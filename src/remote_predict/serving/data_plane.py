@@ -1,8 +1,12 @@
 """The data plane: every serving API, once, for both front-ends.
 
-The gRPC and REST front-ends are thin codecs around these methods, so both protocols validate, run and
-fail the same way. Requests resolve a model spec to a held version (`acquire`), check the request
-against the signature exactly as TF Serving does, and run the version's Session.
+The gRPC, REST and tcp front-ends are thin codecs around these methods, so every protocol validates,
+runs and fails the same way. Requests resolve a model spec to a held version (`acquire`), check the
+request against the signature exactly as TF Serving does, and run the version's Session.
+
+Each front-end serves a request inside `serve(api, protocol, metadata)` (telemetry.py), which names its
+span and times its stages the same way for every protocol; the methods here take that request's `served`
+(None: nothing recorded) and tell it which model version the request resolved to.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from remote_predict.serving import servable as servable_lib
 from remote_predict.serving.manager import ModelManager, ServableHandle
 from remote_predict.serving.request_checks import check_predict_request
 from remote_predict.serving.servable import Signature
+from remote_predict.serving.telemetry import Served, Telemetry
 
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -43,11 +48,17 @@ def _model_spec(name: str, version: int, signature_name: str = "") -> model_pb2.
 
 class DataPlane:
     def __init__(
-        self, manager: ModelManager, batcher=None, max_tensor_elements: int = tensor_codec.DEFAULT_MAX_ELEMENTS
+        self, manager: ModelManager, batcher=None, max_tensor_elements: int = tensor_codec.DEFAULT_MAX_ELEMENTS,
+        telemetry: Telemetry | None = None,
     ):
         self.manager = manager
         self.batcher = batcher
         self.max_tensor_elements = max_tensor_elements
+        self.telemetry = telemetry or Telemetry()
+
+    def serve(self, api: str, protocol: str, metadata: Mapping[str, str] | None = None):
+        """The context a front-end serves one request in (see telemetry.Telemetry.serve)."""
+        return self.telemetry.serve(api, protocol, metadata)
 
     # ---------------------------------------------------------------------------------- resolving
 
@@ -71,25 +82,29 @@ class DataPlane:
 
     def run_predict(
         self, handle: ServableHandle, signature: Signature, inputs: Mapping[str, np.ndarray],
-        output_filter: Sequence[str] = (), deadline: float | None = None,
+        output_filter: Sequence[str] = (), deadline: float | None = None, served: Served | None = None,
     ) -> dict[str, np.ndarray]:
         """Check and run one Predict. `deadline` (time.monotonic(), or None) bounds its queueing and its
         Session run, whichever front-end it came from, and the RemotePredict calls it makes."""
+        if served is not None:
+            served.identify(handle.name, handle.version, signature.key)
         aliases = check_predict_request(signature, inputs, output_filter)
         with request_context.scope(deadline):
             if self.batcher is not None:
-                return self.batcher.run(handle.servable, signature, inputs, aliases, deadline=deadline)
-            return handle.servable.run(signature, inputs, aliases, servable_lib.run_timeout_ms(deadline))
+                return self.batcher.run(handle.servable, signature, inputs, aliases, deadline=deadline, served=served)
+            with self.telemetry.running(served):
+                return handle.servable.run(signature, inputs, aliases, servable_lib.run_timeout_ms(deadline))
 
     def predict_arrays(
         self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
-        metadata: Mapping[str, str] | None = None,
+        served: Served | None = None,
     ) -> tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]:
-        """Predict on decoded inputs (`request` supplies model_spec and output_filter); `metadata` is the
-        request's trace context, which RemotePredict calls carry on."""
-        with request_context.scope(deadline, metadata), self.acquire(request.model_spec) as handle:
+        """Predict on decoded inputs (`request` supplies model_spec and output_filter)."""
+        with self.acquire(request.model_spec) as handle:
+            if served is not None:
+                served.identify(handle.name, handle.version)
             signature = handle.servable.signature(request.model_spec.signature_name)
-            outputs = self.run_predict(handle, signature, inputs, request.output_filter, deadline)
+            outputs = self.run_predict(handle, signature, inputs, request.output_filter, deadline, served)
             return _model_spec(handle.name, handle.version, signature.key), outputs
 
     def predict(self, request: predict_pb2.PredictRequest, tensor_content: bool = False,
@@ -105,23 +120,36 @@ class DataPlane:
     def _signature(self, handle: ServableHandle, spec: model_pb2.ModelSpec) -> Signature:
         return handle.servable.signature(spec.signature_name)
 
-    def classify(self, request: classification_pb2.ClassificationRequest) -> classification_pb2.ClassificationResponse:
+    def _resolved(self, handle: ServableHandle, spec: model_pb2.ModelSpec, served: Served | None) -> Signature:
+        if served is not None:
+            served.identify(handle.name, handle.version)
+        signature = self._signature(handle, spec)
+        if served is not None:
+            served.identify(handle.name, handle.version, signature.key)
+        return signature
+
+    def classify(self, request: classification_pb2.ClassificationRequest,
+                 served: Served | None = None) -> classification_pb2.ClassificationResponse:
         examples = inference.serialized_examples(request.input)
         with self.acquire(request.model_spec) as handle:
-            signature = self._signature(handle, request.model_spec)
-            result = inference.classify(handle.servable, signature, examples)
+            signature = self._resolved(handle, request.model_spec, served)
+            with self.telemetry.running(served):
+                result = inference.classify(handle.servable, signature, examples)
             spec = _model_spec(handle.name, handle.version, signature.key)
         return classification_pb2.ClassificationResponse(model_spec=spec, result=result)
 
-    def regress(self, request: regression_pb2.RegressionRequest) -> regression_pb2.RegressionResponse:
+    def regress(self, request: regression_pb2.RegressionRequest,
+                served: Served | None = None) -> regression_pb2.RegressionResponse:
         examples = inference.serialized_examples(request.input)
         with self.acquire(request.model_spec) as handle:
-            signature = self._signature(handle, request.model_spec)
-            result = inference.regress(handle.servable, signature, examples)
+            signature = self._resolved(handle, request.model_spec, served)
+            with self.telemetry.running(served):
+                result = inference.regress(handle.servable, signature, examples)
             spec = _model_spec(handle.name, handle.version, signature.key)
         return regression_pb2.RegressionResponse(model_spec=spec, result=result)
 
-    def multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> inference_pb2.MultiInferenceResponse:
+    def multi_inference(self, request: inference_pb2.MultiInferenceRequest,
+                        served: Served | None = None) -> inference_pb2.MultiInferenceResponse:
         if not request.tasks:
             raise invalid_argument("MultiInferenceRequest must contain at least one task.")
         name = request.tasks[0].model_spec.name
@@ -138,20 +166,24 @@ class DataPlane:
         examples = inference.serialized_examples(request.input)
         response = inference_pb2.MultiInferenceResponse()
         with self.acquire(request.tasks[0].model_spec) as handle:
+            if served is not None:
+                served.identify(handle.name, handle.version)
             for task in request.tasks:
                 signature = self._signature(handle, task.model_spec)
                 result = response.results.add()
                 result.model_spec.CopyFrom(_model_spec(handle.name, handle.version, signature.key))
-                if task.method_name == CLASSIFY_METHOD:
-                    result.classification_result.CopyFrom(inference.classify(handle.servable, signature, examples))
-                else:
-                    result.regression_result.CopyFrom(inference.regress(handle.servable, signature, examples))
+                with self.telemetry.running(served):
+                    if task.method_name == CLASSIFY_METHOD:
+                        result.classification_result.CopyFrom(inference.classify(handle.servable, signature,
+                                                                                 examples))
+                    else:
+                        result.regression_result.CopyFrom(inference.regress(handle.servable, signature, examples))
         return response
 
     # --------------------------------------------------------------------------- metadata, status
 
     def metadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, served: Served | None = None,
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         fields = list(request.metadata_field)
         if not fields:
@@ -160,6 +192,8 @@ class DataPlane:
             if field != SIGNATURE_DEF_FIELD:
                 raise invalid_argument(f"Metadata field {field} is not supported")
         with self.acquire(request.model_spec) as handle:
+            if served is not None:
+                served.identify(handle.name, handle.version)
             signatures = get_model_metadata_pb2.SignatureDefMap()
             for key, signature_def in handle.servable.signature_defs.items():
                 signatures.signature_def[key].CopyFrom(signature_def)
@@ -169,11 +203,13 @@ class DataPlane:
         return response
 
     def model_status(
-        self, request: get_model_status_pb2.GetModelStatusRequest
+        self, request: get_model_status_pb2.GetModelStatusRequest, served: Served | None = None,
     ) -> get_model_status_pb2.GetModelStatusResponse:
         spec = request.model_spec
         if not spec.name:
             raise invalid_argument("Missing model name in request.")
+        if served is not None:
+            served.identify(spec.name, spec.version.value if spec.HasField("version") else None)
         version = spec.version.value if spec.HasField("version") else None
         statuses = self.manager.status(spec.name, version, spec.version_label or None)
         response = get_model_status_pb2.GetModelStatusResponse()

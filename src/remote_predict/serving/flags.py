@@ -74,6 +74,7 @@ class ServerOptions:
     max_tensor_elements: int = 1 << 31
     model_cache_dir: str = ""
     model_cache_max_bytes: int = 0
+    tracing_config_file: str = ""
 
 
 _HELP = {
@@ -148,6 +149,11 @@ _HELP = {
                        "system's temporary directory)",
     "model_cache_max_bytes": "(remote-predict) most bytes of copies in --model_cache_dir at once; a version that "
                              "would exceed it fails to load with RESOURCE_EXHAUSTED (0: the disk's free space)",
+    "tracing_config_file": "(remote-predict) text-format TracingConfig file: trace every request with "
+                           "OpenTelemetry and export the spans over OTLP (otlp_endpoint, sampling_ratio, "
+                           "service_name); the standard OTEL_* environment variables fill in what it leaves out, "
+                           "and turn tracing on without it (empty: tracing only if OTEL_EXPORTER_OTLP_ENDPOINT, "
+                           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER=otlp is set)",
 }
 
 # tensorflow_model_server flags we do not implement, with TF Serving's defaults.

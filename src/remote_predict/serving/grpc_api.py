@@ -1,7 +1,8 @@
 """The gRPC front-end: TF Serving's PredictionService and ModelService, plus the standard health service.
 
 Each method decodes nothing itself beyond the protos gRPC already parsed; it calls the data plane and
-maps a ServingError to the same canonical status code on the wire.
+maps a ServingError to the same canonical status code on the wire. Each call is served inside the data
+plane's `serve` (its span and stage times), continuing the W3C trace context of its metadata.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from remote_predict.protocol import (
     PREDICTION_SERVICE,
     TENSOR_CONTENT,
     TENSOR_ENCODING_KEY,
-    TRACE_HEADERS,
+    trace_context,
 )
 from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.metrics import ServerMetrics
 from remote_predict.serving.profiler import profiler_handler
+from remote_predict.serving.telemetry import Served
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,12 +61,16 @@ class _Servicer:
         self.metrics = metrics
         self.on_reload = on_reload
 
-    def _serve(self, api: str, context: grpc.ServicerContext, work: Callable[[_Call], T]) -> T:
+    def _serve(self, api: str, context: grpc.ServicerContext, work: Callable[[_Call, Served], T],
+               metadata: dict[str, str] | None = None) -> T:
         start = time.perf_counter()
         call = _Call()
         code = Code.OK
+        if metadata is None:
+            metadata = trace_metadata(context.invocation_metadata())
         try:
-            return work(call)
+            with self.data_plane.serve(api, "grpc", metadata) as served:
+                return work(call, served)
         except ServingError as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug must not take the server down; say what happened
@@ -76,9 +82,9 @@ class _Servicer:
         raise AssertionError("unreachable")
 
     def _proto_api(self, api: str, method: Callable, request, context: grpc.ServicerContext, name: str):
-        def work(call: _Call):
+        def work(call: _Call, served: Served):
             call.model = name
-            return method(request)
+            return method(request, served=served)
 
         return self._serve(api, context, work)
 
@@ -95,7 +101,7 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
 
 def trace_metadata(metadata) -> dict[str, str]:
     """The W3C trace context headers of a call, to be carried on by the RemotePredict calls it makes."""
-    return {k: v for k, v in metadata if k in TRACE_HEADERS and isinstance(v, str)}
+    return trace_context(metadata)
 
 
 class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -103,15 +109,19 @@ class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServic
         """Takes and returns raw bytes: big tensors skip the generated classes' copies (see wire.py)."""
         dp = self.data_plane
 
-        def work(call: _Call) -> bytes:
+        metadata = context.invocation_metadata()
+
+        def work(call: _Call, served: Served) -> bytes:
             request, inputs = wire.decode_predict_request(data, dp.max_tensor_elements)
             call.model = request.model_spec.name
-            metadata = context.invocation_metadata()
-            spec, outputs = dp.predict_arrays(request, inputs, deadline=deadline_of(context),
-                                              metadata=trace_metadata(metadata))
-            return wire.encode_predict_response(spec, outputs, _wants_tensor_content(metadata))
+            served.decoded()
+            spec, outputs = dp.predict_arrays(request, inputs, deadline=deadline_of(context), served=served)
+            started = time.perf_counter()
+            answer = wire.encode_predict_response(spec, outputs, _wants_tensor_content(metadata))
+            served.stages.encode = time.perf_counter() - started
+            return answer
 
-        return self._serve("predict", context, work)
+        return self._serve("predict", context, work, trace_metadata(metadata))
 
     def Classify(self, request, context):
         return self._proto_api("classify", self.data_plane.classify, request, context, request.model_spec.name)
@@ -132,7 +142,7 @@ class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
         return self._proto_api("status", self.data_plane.model_status, request, context, request.model_spec.name)
 
     def HandleReloadConfigRequest(self, request, context):
-        def reload(call: _Call):
+        def reload(call: _Call, served: Served):
             self.on_reload(request.config)
             response = model_management_pb2.ReloadConfigResponse()
             response.status.CopyFrom(serving_status_pb2.StatusProto(error_code=0, error_message=""))

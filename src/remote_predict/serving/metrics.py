@@ -1,18 +1,28 @@
-"""Prometheus metrics of one server: requests, model versions, and the RemotePredict calls it makes."""
+"""Prometheus metrics of one server: requests, where their time goes, model versions, and the RemotePredict
+calls it makes.
+
+The scrape answers Prometheus's text format, or OpenMetrics when the scraper asks for it (`Accept:
+application/openmetrics-text`, as Prometheus does with exemplar storage on): only OpenMetrics carries the
+exemplars, the trace ids of sampled requests, that the stage histogram records when tracing is on.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from remote_predict.errors import Code, ServingError
 from remote_predict.op.runtime import CallRecord, OpRuntime
 from remote_predict.serving.manager import State
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A request's stages start at tens of microseconds (decoding a small tensor).
+_STAGE_BUCKETS = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+                  1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class ServerMetrics:
@@ -24,6 +34,11 @@ class ServerMetrics:
         self.latency = Histogram(
             "remote_predict_request_duration_seconds", "Wall time to answer a request.",
             ["model", "api", "protocol"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.stages = Histogram(
+            "remote_predict_request_stage_seconds", "Time requests spent in each stage, by model: decode (the "
+            "request's tensors), queue (waiting for a batch), run (the model, RemotePredict calls included), "
+            "remote (RemotePredict calls and sharded lookups made in the request's thread), encode (the answer).",
+            ["model", "stage"], buckets=_STAGE_BUCKETS, registry=self.registry)
         self.versions = Gauge(
             "remote_predict_model_versions", "Model versions in each state (START, LOADING, AVAILABLE, "
             "UNLOADING, END).", ["model", "state"], registry=self.registry)
@@ -102,8 +117,10 @@ class ServerMetrics:
     def on_call_event(self, target: str, kind: str) -> None:
         self.op_events.labels(target, kind).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The scrape's body and content type, in the format the scraper's Accept header asks for."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
 
 class _CacheCollector:

@@ -3,7 +3,9 @@
 Paths follow TF Serving's two patterns (case-insensitive): POST
 `/v1/models/NAME[/versions/V|/labels/L]:(predict|classify|regress)` and GET
 `/v1/models/NAME[/versions/V|/labels/L][/metadata]`. Errors answer `{"error": message}` with the HTTP
-status TF Serving maps the canonical code to. Model work runs on a thread pool, never on the event loop.
+status TF Serving maps the canonical code to. Model work runs on a thread pool, never on the event loop,
+inside the data plane's `serve` (its span and stage times), continuing the W3C trace context of the
+request's `traceparent`/`tracestate` headers.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from tensorflow_serving.apis import (
 
 from remote_predict import json_codec
 from remote_predict.errors import HTTP_STATUS, Code, ServingError, invalid_argument
-from remote_predict.op import request_context
-from remote_predict.protocol import TRACE_HEADERS
+from remote_predict.protocol import TRACE_HEADERS, trace_context
 from remote_predict.serving.data_plane import SIGNATURE_DEF_FIELD, DataPlane
 from remote_predict.serving.metrics import ServerMetrics
+from remote_predict.serving.telemetry import Served
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ class RestApi:
         if self.metrics_path is not None and path == self.metrics_path:
             if request.method != "GET":
                 return web.Response(status=405, text="metrics: use GET", headers={"Allow": "GET"})
-            return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+            body, content_type = self.metrics.render(request.headers.get("Accept"))
+            return web.Response(body=body, headers={"Content-Type": content_type})
         if self.cors and request.method == "OPTIONS":
             return _json_response(200, "", True)
         post, get = _PREDICTION_PATH.fullmatch(path), _STATUS_PATH.fullmatch(path)
@@ -110,6 +113,7 @@ class RestApi:
             response.headers["Allow"] = allowed
             return response
         start = time.perf_counter()
+        trace = trace_context((k, request.headers[k]) for k in TRACE_HEADERS if k in request.headers)
         if post is not None:
             name, version, label, method = post.groups()
             api = method.lower()
@@ -120,13 +124,12 @@ class RestApi:
                 self.metrics.observe_request(unquote(name), api, "rest", Code.RESOURCE_EXHAUSTED, 0.0)
                 return _json_response(413, json_codec.error_json(message), self.cors)
             deadline = time.monotonic() + self.timeout if self.timeout else None
-            trace = {k: request.headers[k] for k in TRACE_HEADERS if k in request.headers}
             work: Callable[[], str] = lambda: self._post(  # noqa: E731
                 api, name, version, label, body, deadline=deadline, trace=trace)
         else:
             name, version, label, metadata = get.groups()
             api = "metadata" if metadata else "status"
-            work = lambda: self._get(api, name, version, label)  # noqa: E731
+            work = lambda: self._get(api, name, version, label, trace)  # noqa: E731
         model = unquote(name or "")
         code = Code.OK
         try:
@@ -150,38 +153,58 @@ class RestApi:
     # Runs on the executor.
     def _post(self, api: str, name: str, version: str | None, label: str | None, body: bytes,
               deadline: float | None = None, trace: dict[str, str] | None = None) -> str:
-        with request_context.scope(deadline, trace):
-            return self._post_in_scope(api, name, version, label, body, deadline)
+        with self.data_plane.serve(api, "rest", trace or {}) as served:
+            return self._post_served(api, name, version, label, body, deadline=deadline, served=served)
 
-    def _post_in_scope(self, api: str, name: str, version: str | None, label: str | None, body: bytes,
-                       deadline: float | None) -> str:
+    def _post_served(self, api: str, name: str, version: str | None, label: str | None, body: bytes,
+                     deadline: float | None, served: Served) -> str:
+        started = time.perf_counter()
         spec = _model_spec(name, version, label)
         doc = json_codec.parse_body(body)
         spec.signature_name = json_codec.signature_name_of(doc)
+        decoding = time.perf_counter() - started
         dp = self.data_plane
         if api == "predict":
             with dp.acquire(spec) as handle:
+                served.identify(handle.name, handle.version)
                 signature = handle.servable.signature(spec.signature_name)
+                started = time.perf_counter()
                 fmt, inputs = json_codec.decode_predict_inputs(
                     doc, {alias: info.dtype for alias, info in signature.inputs.items()})
-                outputs = dp.run_predict(handle, signature, inputs, deadline=deadline)
-            return json_codec.encode_predict_response(outputs, fmt)
+                served.stages.decode = decoding + time.perf_counter() - started
+                outputs = dp.run_predict(handle, signature, inputs, deadline=deadline, served=served)
+            started = time.perf_counter()
+            text = json_codec.encode_predict_response(outputs, fmt)
+            served.stages.encode = time.perf_counter() - started
+            return text
         examples = json_codec.decode_examples(doc, api)
+        served.stages.decode = time.perf_counter() - served.started
         if api == "classify":
-            response = dp.classify(classification_pb2.ClassificationRequest(model_spec=spec, input=examples))
-            return json_codec.encode_classification(response.result)
-        response = dp.regress(regression_pb2.RegressionRequest(model_spec=spec, input=examples))
-        return json_codec.encode_regression(response.result)
+            result = dp.classify(classification_pb2.ClassificationRequest(model_spec=spec, input=examples),
+                                 served=served).result
+            started, text = time.perf_counter(), json_codec.encode_classification(result)
+        else:
+            result = dp.regress(regression_pb2.RegressionRequest(model_spec=spec, input=examples), served=served).result
+            started, text = time.perf_counter(), json_codec.encode_regression(result)
+        served.stages.encode = time.perf_counter() - started
+        return text
 
-    def _get(self, api: str, name: str | None, version: str | None, label: str | None) -> str:
+    def _get(self, api: str, name: str | None, version: str | None, label: str | None,
+             trace: dict[str, str] | None = None) -> str:
+        with self.data_plane.serve(api, "rest", trace or {}) as served:
+            return self._get_served(api, name, version, label, served)
+
+    def _get_served(self, api: str, name: str | None, version: str | None, label: str | None,
+                    served: Served) -> str:
         if not name:
             raise invalid_argument("Missing model name in request.")
         spec = _model_spec(name, version, label)
         if api == "status":
             request = get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
-            return _proto_json(self.data_plane.model_status(request))
+            return _proto_json(self.data_plane.model_status(request, served=served))
         response = self.data_plane.metadata(
-            get_model_metadata_pb2.GetModelMetadataRequest(model_spec=spec, metadata_field=[SIGNATURE_DEF_FIELD]))
+            get_model_metadata_pb2.GetModelMetadataRequest(model_spec=spec, metadata_field=[SIGNATURE_DEF_FIELD]),
+            served=served)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata[SIGNATURE_DEF_FIELD].Unpack(signatures)
         doc = {"model_spec": json_format.MessageToDict(response.model_spec, preserving_proto_field_name=True,

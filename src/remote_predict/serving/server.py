@@ -26,6 +26,9 @@ from remote_predict.serving.flags import ServerOptions, channel_arguments, parse
 from remote_predict.serving.manager import ManagerOptions, ModelManager
 from remote_predict.serving.metrics import ServerMetrics
 from remote_predict.serving.servable import LoadOptions
+from remote_predict.serving.telemetry import Telemetry
+from remote_predict.serving.tracing_config import settings as tracing_settings
+from remote_predict.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,18 @@ def _configure_tensorflow(options: ServerOptions) -> None:
         pass  # the eager context already exists (several servers in one process); sessions get their own config
 
 
-def op_runtime(options: ServerOptions) -> OpRuntime:
+def tracing_for(options: ServerOptions) -> Tracing | None:
+    """This server's tracer, or None when tracing is off (see tracing_config.py for the rule)."""
+    chosen = tracing_settings(options.tracing_config_file, os.environ)
+    if chosen is None:
+        return None
+    tracing = Tracing(chosen)
+    log.info("Tracing requests as service %s, exporting over OTLP to %s", tracing.service_name,
+             chosen.endpoint or "the endpoint the OTEL_EXPORTER_OTLP_* variables name (default localhost:4317)")
+    return tracing
+
+
+def op_runtime(options: ServerOptions, tracing: Tracing | None = None) -> OpRuntime:
     """This server's RemotePredict settings, in the runtime that the models it loads are bound to."""
     for module in filter(None, (m.strip() for m in options.remote_predict_plugins.split(","))):
         try:
@@ -58,7 +72,7 @@ def op_runtime(options: ServerOptions) -> OpRuntime:
         hedge_after_ms=options.remote_predict_hedge_after_ms,
         cache_mib=options.remote_predict_cache_mib,
     )
-    return OpRuntime(settings, name=f"server on port {options.port}")
+    return OpRuntime(settings, name=f"server on port {options.port}", tracing=tracing)
 
 
 def server_credentials(path: str) -> grpc.ServerCredentials:
@@ -105,6 +119,8 @@ class ModelServer:
         self.rest_port: int | None = None
         self.tcp_port: int | None = None
         self.runtime: OpRuntime | None = None
+        self.tracing: Tracing | None = None
+        self.telemetry: Telemetry | None = None
         self._tcp: tcp_api.TcpServer | None = None
         self._grpc_server: grpc.Server | None = None
         self._health = None
@@ -132,13 +148,16 @@ class ModelServer:
             return None
         from remote_predict.serving.batching import Batcher, parameters_from_file
 
-        return Batcher(parameters_from_file(self.options.batching_parameters_file), self.metrics.batch_size.observe)
+        return Batcher(parameters_from_file(self.options.batching_parameters_file), self.metrics.batch_size.observe,
+                       telemetry=self.telemetry)
 
     def start(self) -> None:
         """Load the models, then open the ports. Raises ServingError (or OSError) when it cannot."""
         options = self.options
         _configure_tensorflow(options)
-        self.runtime = op_runtime(options)
+        self.tracing = tracing_for(options)
+        self.telemetry = Telemetry(self.metrics.stages, self.tracing)
+        self.runtime = op_runtime(options, self.tracing)
         self.metrics.observe_runtime(self.runtime)
         try:
             configs = self._model_configs()
@@ -174,7 +193,8 @@ class ModelServer:
             listeners=[self.metrics.on_version_state],
             store_listeners=[self.metrics.on_store_listing],
         )
-        self.data_plane = DataPlane(self.manager, batcher=batcher, max_tensor_elements=options.max_tensor_elements)
+        self.data_plane = DataPlane(self.manager, batcher=batcher, max_tensor_elements=options.max_tensor_elements,
+                                    telemetry=self.telemetry)
         try:
             self.manager.start(configs)
             self._start_grpc(credentials)
@@ -242,8 +262,12 @@ class ModelServer:
     # ------------------------------------------------------------------------------------ running
 
     def _local_predict(self, request: predict_pb2.PredictRequest, inputs, timeout: float):
+        """A call a model of this process makes to a model of this server, in the caller's thread: served as a
+        request of its own (protocol "inprocess"), continuing the calling client span's trace."""
         try:
-            return self.data_plane.predict_arrays(request, inputs, deadline=time.monotonic() + timeout)
+            with self.data_plane.serve("predict", "inprocess") as served:
+                return self.data_plane.predict_arrays(request, inputs, deadline=time.monotonic() + timeout,
+                                                      served=served)
         except ServingError as e:
             raise StubError(e.code, e.message) from None
 
@@ -294,4 +318,6 @@ class ModelServer:
             self.data_plane.batcher.close()
         if self.runtime is not None:
             self.runtime.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still queued
 

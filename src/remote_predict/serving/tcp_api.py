@@ -5,6 +5,8 @@ Same data plane, same checks, same status codes as gRPC and REST; only the frami
 which reads a frame, answers it and reads the next: no hand-off between threads on the way, which is
 where most of a Python gRPC call's cost goes. Clients are our masters, each keeping a few connections
 per server, so the number of threads stays small; past `MAX_CONNECTIONS` new connections are closed.
+Each frame is served inside the data plane's `serve` (its span and stage times), continuing the W3C
+trace context of the frame's metadata.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 from remote_predict import frames, wire
 from remote_predict.errors import Code, ServingError
+from remote_predict.protocol import trace_context
 from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.metrics import ServerMetrics
 
@@ -110,15 +113,19 @@ class TcpServer:
         try:
             if self.draining:
                 raise ServingError(Code.UNAVAILABLE, "the server is shutting down")
-            request, inputs = wire.decode_predict_request(body, self.data_plane.max_tensor_elements)
-            model = request.model_spec.name
             try:
-                metadata = frames.decode_meta(meta)
+                metadata = trace_context(frames.decode_meta(meta).items())
             except frames.FrameError as e:
                 raise ServingError(Code.INVALID_ARGUMENT, str(e)) from None
-            deadline = time.monotonic() + value / 1000 if value else None
-            spec, outputs = self.data_plane.predict_arrays(request, inputs, deadline=deadline, metadata=metadata)
-            answer = wire.encode_predict_response(spec, outputs, tensor_content=True)
+            with self.data_plane.serve("predict", "tcp", metadata) as served:
+                request, inputs = wire.decode_predict_request(body, self.data_plane.max_tensor_elements)
+                model = request.model_spec.name
+                served.decoded()
+                deadline = time.monotonic() + value / 1000 if value else None
+                spec, outputs = self.data_plane.predict_arrays(request, inputs, deadline=deadline, served=served)
+                encoding = time.perf_counter()
+                answer = wire.encode_predict_response(spec, outputs, tensor_content=True)
+                served.stages.encode = time.perf_counter() - encoding
         except ServingError as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug must not take the server down; say what happened

@@ -13,6 +13,7 @@ import numpy as np
 from tensorflow_serving.apis import model_pb2, predict_pb2
 
 from remote_predict import wire
+from remote_predict.op import request_context
 from remote_predict.op.runtime import ClientTls, OpRuntime
 from remote_predict.op.stubs.base import StubError
 from remote_predict.protocol import PREDICTION_SERVICE, TENSOR_CONTENT_METADATA
@@ -113,14 +114,18 @@ class GrpcStub:
             self._channel, self._predict = self._open()
         channel.close()
 
-    def _call(self, data: bytes, timeout: float) -> bytes:
+    def predict_bytes(self, data: bytes, timeout: float) -> bytes:
+        """A serialized PredictRequest in, the serialized PredictResponse out. Sends the request's W3C trace
+        context (`request_context`: with tracing on, the client span's) as gRPC metadata."""
+        trace = request_context.current().metadata
+        metadata = (*TENSOR_CONTENT_METADATA, *trace.items()) if trace else TENSOR_CONTENT_METADATA
         give_up_at = time.monotonic() + timeout
         while True:
             channel, predict = self._channel, self._predict
             # the op sheds calls to a stalled target
             self.breaker.on_cancel(functools.partial(self._cancel_calls_on, channel))
             try:
-                return predict(data, timeout=timeout, metadata=TENSOR_CONTENT_METADATA)
+                return predict(data, timeout=timeout, metadata=metadata)
             except (grpc.RpcError, ValueError) as e:  # ValueError: the channel was closed before the call
                 if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
                     code, details = e.code(), e.details() or e.code().name
@@ -135,11 +140,11 @@ class GrpcStub:
                 raise StubError(code.value[0], details) from None
 
     def predict(self, request: predict_pb2.PredictRequest, timeout: float) -> predict_pb2.PredictResponse:
-        return predict_pb2.PredictResponse.FromString(self._call(request.SerializeToString(), timeout))
+        return predict_pb2.PredictResponse.FromString(self.predict_bytes(request.SerializeToString(), timeout))
 
     def predict_arrays(self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray],
                        timeout: float) -> tuple[model_pb2.ModelSpec, dict[str, np.ndarray]]:
-        return wire.decode_predict_response(self._call(wire.encode_predict_request(request, inputs), timeout))
+        return wire.decode_predict_response(self.predict_bytes(wire.encode_predict_request(request, inputs), timeout))
 
     def close(self) -> None:
         self._channel.close()

@@ -19,6 +19,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from remote_predict import json_codec, tensor_codec
 from remote_predict.errors import HTTP_STATUS, Code, ServingError
+from remote_predict.op import request_context
 from remote_predict.op.stubs.base import StubError
 
 _CODE_BY_HTTP = {status: code for code, status in reversed(HTTP_STATUS.items())}
@@ -42,9 +43,11 @@ class RestStub:
         return path
 
     def _request(self, method: str, url: str, body: bytes | None, timeout: float) -> dict:
+        headers = {"Content-Type": "application/json"}
+        headers.update(request_context.current().metadata)  # W3C trace context (tracing on: the client span's)
         try:
             response = self._http.request(
-                method, url, body=body, headers={"Content-Type": "application/json"},
+                method, url, body=body, headers=headers,
                 timeout=urllib3.Timeout(total=max(timeout, 0.001)),
             )
         except urllib3.exceptions.TimeoutError:
