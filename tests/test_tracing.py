@@ -354,3 +354,43 @@ def test_a_tracing_config_file_that_does_not_parse_is_refused(tmp_path):
         tracing_config.settings(str(path), {})
     with pytest.raises(ServingError, match="Cannot read"):
         tracing_config.settings(str(tmp_path / "missing.txt"), {})
+
+
+def test_merged_lookups_link_every_request_to_the_batch_that_fetched_its_rows(tmp_path, receiver):
+    """Concurrent requests to a split master: their lookups merge into shared fan-outs. The shard calls of a
+    merged fan-out are children of its leader's `lookup` span, which links to the others' `lookup` spans,
+    and each of them links back."""
+    from test_split import Split
+
+    (tmp_path / "tracing.txt").write_text(f'otlp_endpoint: "{receiver.endpoint}" service_name: "split-master"')
+    split = Split(recommender(tmp_path / "rec.keras", users=2000, items=500), tmp_path / "out", 2,
+                  "--tables=user_table,item_table", master_flags=(f"--tracing_config_file={tmp_path / 'tracing.txt'}",))
+    try:
+        rng = np.random.default_rng(7)
+        cases = [random_ids(rng, 4, users=2000, items=500) for _ in range(12)]
+
+        def client(index: int) -> None:
+            for round_ in range(5):
+                split.master.predict(split.name, cases[(index + round_) % len(cases)])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        split.master.server.tracing.provider.force_flush()
+    finally:
+        split.stop()
+    spans = [s for s in receiver.spans() if s.service == "split-master"]
+    lookups = {s.span_id: s for s in spans if s.name == "lookup"}
+    assert len(lookups) == 60, "one lookup span per request"
+    merged = [s for s in lookups.values() if s.attributes.get("remote_predict.lookup.requests", 0) > 1]
+    assert merged, "under this load some lookups are merged (as test_split checks by counting shard calls)"
+    for leader in merged:
+        calls = children(spans, leader)
+        assert len(calls) == 2 and all(c.kind == CLIENT for c in calls), "the leader's span holds the shard calls"
+        assert len(leader.links) == leader.attributes["remote_predict.lookup.requests"] - 1
+        for _, follower_id in leader.links:
+            follower = lookups[follower_id]
+            assert follower.links == [(leader.trace_id, leader.span_id)] and not children(spans, follower)
+            assert follower.trace_id != leader.trace_id  # another request's trace
