@@ -7,7 +7,9 @@
 3. one hop: half_plus_two_with_rpop (one RemotePredict call inside); hop overhead = (3) - (2);
 4. fan-out: a master calling 1, 2, 4 and 8 shards concurrently, as a multiple of the 1-shard latency;
 5. bulk: one hop carrying 1, 16 and 64 MiB float32 tensors, MB/s as a fraction of the floor's;
-6. batching: throughput at concurrency 64 with batching off and on (half_plus_two, four dense layers).
+6. batching: throughput at concurrency 64 with batching off and on (half_plus_two, four dense layers);
+7. tracing: direct Predict and one hop with tracing off, on sampling 100 % and on sampling 1 % (spans
+   exported over OTLP to a receiver in this process), as ratios to tracing off in the same rounds.
 
 Every server is a `remote-predict serve` process; the client is `remote-predict bench`'s load generator.
 Each latency figure is the median over runs of each run's p50. Timing is never asserted: this prints.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import models  # noqa: E402  (the test suite's model builders)
 from helpers import ServerProcess, free_port, write_config  # noqa: E402
+from otlp_receiver import OtlpReceiver  # noqa: E402
 from remote_predict.tools.bench import build_job  # noqa: E402
 from remote_predict.tools.export import export_half_plus_two, export_half_plus_two_with_rpop  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, grpc_job, machine_description  # noqa: E402
@@ -142,6 +145,22 @@ def run(settings: Settings) -> list[tuple[str, str, str, str]]:
         master = ServerProcess(f"--model_config_file={master_config}", "--file_system_poll_wait_seconds=0",
                                rest=False, wait=False)
         servers.append(master)
+        receiver = OtlpReceiver()
+        servers.append(receiver)
+        traced = {}  # sampling label -> (leaf, master), every server exporting its spans to the receiver
+        for label, ratio in (("100%", 1.0), ("1%", 0.01)):
+            config = tmp / f"tracing_{ratio}.txt"
+            config.write_text(f'otlp_endpoint: "{receiver.endpoint}" sampling_ratio: {ratio} '
+                              f'service_name: "bench-{ratio}"')
+            traced_leaf = ServerProcess(f"--model_base_path={tmp / 'half_plus_two'}", "--model_name=half_plus_two",
+                                        "--file_system_poll_wait_seconds=0", f"--tracing_config_file={config}",
+                                        rest=False, wait=False)
+            export_half_plus_two_with_rpop(str(tmp / f"rpop_{ratio}" / "1"), traced_leaf.address)
+            traced_master = ServerProcess(f"--model_base_path={tmp / f'rpop_{ratio}'}",
+                                          "--model_name=half_plus_two_with_rpop", "--file_system_poll_wait_seconds=0",
+                                          f"--tracing_config_file={config}", rest=False, wait=False)
+            traced[label] = (traced_leaf, traced_master)
+            servers += [traced_leaf, traced_master]
         echo = EchoServer()
         servers.append(echo)
         for server in servers:
@@ -178,6 +197,18 @@ def run(settings: Settings) -> list[tuple[str, str, str, str]]:
                 ("3. its overhead over (2)", f"{median_of(rounds, lambda r: r['local_hop'] - r['direct']):.3f} ms",
                  f"{local_over:.2f}x floor", _verdict(local_over <= 1.5, f"{local_over:.2f}x, target 1.5x")),
             ]
+            jobs = {"off direct": direct_job, "off hop": jobs["hop"]}
+            for label, (traced_leaf, traced_master) in traced.items():
+                jobs[f"{label} direct"] = build_job("grpc", traced_leaf.address, "half_plus_two", "serving_default", x)
+                jobs[f"{label} hop"] = build_job("grpc", traced_master.address, "half_plus_two_with_rpop",
+                                                 "serving_default", x)
+            rounds = p50s(load, jobs, settings)
+            for kind, what in (("direct", "direct Predict"), ("hop", "one hop to another server")):
+                for label in ("off", *traced):
+                    figure = median_of(rounds, lambda r, k=f"{label} {kind}": r[k])
+                    ratio = median_of(rounds, lambda r, k=f"{label} {kind}", o=f"off {kind}": r[k] / r[o])
+                    sampling = "tracing off" if label == "off" else f"tracing on, sampling {label}"
+                    rows.append((f"7. {what}, {sampling}", f"{figure:.3f} ms", f"{ratio:.2f}x off", ""))
             shard_x = {"x": np.array([1.0, 2.0], np.float32)}
             fan_jobs = {n: build_job("grpc", master.address, f"fan{n}", "serving_default", shard_x)
                         for n in settings.fanout}

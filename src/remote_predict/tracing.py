@@ -93,7 +93,15 @@ class Tracing:
 
     def start(self, name: str, kind=None, attributes: Mapping[str, object] | None = None,
               links: Sequence = (), start_monotonic: float | None = None):
-        """A span, child of the thread's current span; `start_monotonic` (time.monotonic()) dates it back."""
+        """A span, child of the thread's current span; `start_monotonic` (time.monotonic()) dates it back.
+
+        Under a request that is not sampled, this is the current (non-recording) span itself: a child would
+        not be sampled either (the sampler is parent-based, or decides by trace id alone), and making one
+        costs as much as making a recorded span. Calls still send its context on, not sampled, so the
+        servers they reach do not sample them either."""
+        current = self._trace.get_current_span()
+        if not current.is_recording() and current.get_span_context().is_valid:
+            return current
         start_time = None if start_monotonic is None else self.wall_ns(start_monotonic)
         return self.tracer.start_span(name, kind=kind or self.INTERNAL, attributes=attributes,
                                       links=[self._trace.Link(c) for c in links], start_time=start_time)

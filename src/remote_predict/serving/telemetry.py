@@ -16,9 +16,8 @@ sampled. With tracing off, a request costs one small object, a few clock reads a
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 from remote_predict import tracing as attrs
 from remote_predict.errors import Code, ServingError
@@ -43,17 +42,49 @@ def outcome(error: BaseException | None) -> tuple[Code, str]:
 
 
 class Served:
-    """One request being served: what it turned out to be about, its stage times, its span (or None)."""
+    """One request being served (a context manager: `with telemetry.serve(...) as served`): what it turned
+    out to be about, its stage times, its span (or None). Exceptions pass through, recorded with the code
+    they will be answered with."""
 
-    __slots__ = ("model", "signature", "span", "stages", "started", "version")
+    __slots__ = ("_carrier", "_scope", "_telemetry", "_token", "api", "model", "protocol", "signature", "span",
+                 "stages", "started", "version")
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
+    def __init__(self, telemetry: Telemetry, api: str, protocol: str, metadata: Mapping[str, str] | None):
+        self._telemetry = telemetry
+        self.api, self.protocol = api, protocol
+        self._carrier = metadata
         self.stages = StageTimes()
         self.model = ""
         self.version: int | None = None
         self.signature = ""
         self.span = None
+
+    def __enter__(self) -> Served:
+        self.started = time.perf_counter()
+        carrier = self._carrier if self._carrier is not None else request_context.current().metadata
+        self._scope = request_context.scope(metadata=carrier, stages=self.stages)
+        self._scope.__enter__()
+        tracing = self._telemetry.tracing
+        if tracing is not None:
+            self.span = tracing.server_span(SPAN_NAMES[self.api], carrier,
+                                            {attrs.API: self.api, attrs.PROTOCOL: self.protocol})
+            self._token = tracing.attach(self.span)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        tracing = self._telemetry.tracing
+        if tracing is not None:
+            tracing.detach(self._token)
+            span = self.span
+            if self.model:
+                span.set_attribute(attrs.MODEL, self.model)
+            if self.version is not None:
+                span.set_attribute(attrs.VERSION, self.version)
+            if self.signature:
+                span.set_attribute(attrs.SIGNATURE, self.signature)
+            tracing.end(span, *outcome(error))
+        self._scope.__exit__(None, None, None)
+        self._telemetry.observe(self)
 
     def identify(self, model: str, version: int | None = None, signature: str = "") -> None:
         """The model version (and signature) the request resolved to."""
@@ -64,6 +95,31 @@ class Served:
         self.stages.decode = time.perf_counter() - self.started
 
 
+class _Running:
+    """`Telemetry.running`: times a run into the `run` stage; with tracing on, a current `run` span."""
+
+    __slots__ = ("_attributes", "_served", "_span", "_started", "_token", "_tracing")
+
+    def __init__(self, served: Served | None, tracing: Tracing | None, attributes: Mapping[str, object] | None):
+        self._served, self._tracing, self._attributes = served, tracing, attributes
+        self._span = None
+
+    def __enter__(self):
+        self._started = time.perf_counter()
+        if self._served is not None and self._tracing is not None:
+            self._span = self._tracing.start("run", attributes=self._attributes)
+            self._token = self._tracing.attach(self._span)
+        return self._span
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._span is not None:
+            self._tracing.detach(self._token)
+            self._tracing.end(self._span, *outcome(error))
+        if self._served is not None:
+            stages = self._served.stages
+            stages.run = (stages.run or 0.0) + time.perf_counter() - self._started
+
+
 class Telemetry:
     """Owns the server's per-request recording: its stage histogram and (when on) its tracer."""
 
@@ -72,41 +128,13 @@ class Telemetry:
         self.tracing = tracing
         self._children: dict[tuple[str, str], object] = {}
 
-    @contextlib.contextmanager
-    def serve(self, api: str, protocol: str, metadata: Mapping[str, str] | None = None) -> Iterator[Served]:
+    def serve(self, api: str, protocol: str, metadata: Mapping[str, str] | None = None) -> Served:
         """Serve one request: `metadata` is its W3C trace context (None: the enclosing request's, for calls
-        made in-process). Exceptions pass through, after being recorded with the code they will answer."""
-        served = Served()
-        carrier = metadata if metadata is not None else request_context.current().metadata
-        tracing = self.tracing
-        error: BaseException | None = None
-        with request_context.scope(metadata=carrier, stages=served.stages):
-            if tracing is not None:
-                served.span = tracing.server_span(SPAN_NAMES[api], carrier, {attrs.API: api, attrs.PROTOCOL: protocol})
-                token = tracing.attach(served.span)
-            try:
-                yield served
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                if tracing is not None:
-                    tracing.detach(token)
-                    self._end_span(tracing, served, *outcome(error))
-                self._observe(served)
+        made in-process)."""
+        return Served(self, api, protocol, metadata)
 
-    @staticmethod
-    def _end_span(tracing: Tracing, served: Served, code: Code, message: str) -> None:
-        span = served.span
-        if served.model:
-            span.set_attribute(attrs.MODEL, served.model)
-        if served.version is not None:
-            span.set_attribute(attrs.VERSION, served.version)
-        if served.signature:
-            span.set_attribute(attrs.SIGNATURE, served.signature)
-        tracing.end(span, code, message)
-
-    def _observe(self, served: Served) -> None:
+    def observe(self, served: Served) -> None:
+        """The request's stage times, into the histogram (with its trace id as exemplar when sampled)."""
         if self.stage_histogram is None or not served.model:
             return
         exemplar = None
@@ -126,30 +154,11 @@ class Telemetry:
 
     # ------------------------------------------------------------------- stages within a request
 
-    @contextlib.contextmanager
-    def running(self, served: Served | None, attributes: Mapping[str, object] | None = None) -> Iterator[object]:
-        """A model run in this thread: the `run` stage, and (tracing on) a `run` span, yielded, that is current
-        while it lasts, so the RemotePredict calls the run makes are its children."""
-        if served is None:
-            yield None
-            return
-        started = time.perf_counter()
-        tracing = self.tracing
-        span = token = None
-        error: BaseException | None = None
-        if tracing is not None:
-            span = tracing.start("run", attributes=attributes)
-            token = tracing.attach(span)
-        try:
-            yield span
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            if span is not None:
-                tracing.detach(token)
-                tracing.end(span, *outcome(error))
-            served.stages.run = (served.stages.run or 0.0) + time.perf_counter() - started
+    def running(self, served: Served | None, attributes: Mapping[str, object] | None = None) -> _Running:
+        """A model run in this thread (`with telemetry.running(served) as span`): the `run` stage, and (tracing
+        on) a `run` span, yielded, that is current while it lasts, so the RemotePredict calls the run makes are
+        its children. Nothing is recorded for `served` None."""
+        return _Running(served, self.tracing, attributes)
 
     def batched(self, served: Served, enqueued: float, runs: list, now: float) -> None:
         """Record, in the request's own thread, what the batcher did with it: its `queue` stage (from
