@@ -394,3 +394,24 @@ def test_merged_lookups_link_every_request_to_the_batch_that_fetched_its_rows(tm
             follower = lookups[follower_id]
             assert follower.links == [(leader.trace_id, leader.span_id)] and not children(spans, follower)
             assert follower.trace_id != leader.trace_id  # another request's trace
+
+
+def test_a_server_without_tracing_passes_the_callers_trace_context_on(tmp_path, receiver):
+    """The master does not trace; the leaf it calls over gRPC does: the leaf's server span continues the
+    client's traceparent, which the master passed on unchanged."""
+    (tmp_path / "tracing.txt").write_text(f'otlp_endpoint: "{receiver.endpoint}" service_name: "traced-leaf"')
+    with InProcessServer(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
+                         f"--tracing_config_file={tmp_path / 'tracing.txt'}", rest=False) as leaf:
+        models.caller(tmp_path / "hop" / "1", leaf.address, "half_plus_two")
+        with InProcessServer(f"--model_base_path={tmp_path / 'hop'}", "--model_name=hop",
+                             "--remote_predict_loopback_in_process=false") as master:
+            assert master.server.tracing is None
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "hop"
+            request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[2.0]], np.float32)))
+            trace_id = TRACE_ID[:-1] + "9"
+            traceparent = f"00-{trace_id}-{PARENT_ID}-01"
+            master.prediction().Predict(request, timeout=30, metadata=(("traceparent", traceparent),))
+        leaf.server.tracing.provider.force_flush()
+    served = _only(trace_of(receiver.spans(), trace_id), kind=SERVER)
+    assert served.service == "traced-leaf" and served.parent_id == PARENT_ID
