@@ -228,7 +228,7 @@ class BatchRun:
     runner: Served | None  # the request whose thread ran it
     span_context: object | None  # its `run` span (tracing on)
     remote: float | None  # seconds its RemotePredict calls took
-    rows: int
+    rows: int  # as run (padded to an allowed batch size)
     requests: int
     code: Code
     message: str
@@ -574,12 +574,15 @@ class Batcher:
         remote_before = runner.stages.remote if runner is not None else None
         span_context = None
         error: BaseException | None = None
+        size = rows  # padded below, when allowed_batch_sizes asks
         try:
             if self.on_batch is not None:
                 self.on_batch(rows)
             timeout_ms = run_timeout_ms(latest)
             size = padded_size(rows, self.options.allowed_batch_sizes)
-            with self.telemetry.running(runner, {tracing.BATCH_ROWS: size, tracing.BATCH_REQUESTS: len(live)}) as span:
+            attributes = None if self.telemetry.tracing is None else {
+                tracing.BATCH_ROWS: size, tracing.BATCH_REQUESTS: len(live)}
+            with self.telemetry.running(runner, attributes) as span:
                 span_context = span.get_span_context() if span is not None else None
                 if len(live) == 1 and size == rows:
                     results = [target.servable.run(target.signature, live[0].inputs, target.aliases, timeout_ms)]
@@ -598,12 +601,11 @@ class Batcher:
             for task in live:
                 task.error = e
         finished = time.monotonic()
-        if runner is not None:
-            remote = runner.stages.remote
-            remote = None if remote is None else remote - (remote_before or 0.0)
-            ran = BatchRun(started, finished, runner, span_context, remote, size, len(live), *outcome(error))
-            for task in live:
-                task.ran = ran
+        remote = runner.stages.remote if runner is not None else None
+        remote = None if remote is None else remote - (remote_before or 0.0)
+        ran = BatchRun(started, finished, runner, span_context, remote, size, len(live), *outcome(error))
+        for task in live:
+            task.ran = ran
         if results is None:
             return
         for task, result in zip(live, results, strict=True):
