@@ -88,6 +88,20 @@ def send(sock: socket.socket, parts: list) -> None:
 _FIRST_CHUNK = 1 << 20
 
 
+def parse_header(header: bytes | bytearray, max_body: int = MAX_FRAME_BYTES) -> tuple[int, int, int, int]:
+    """(kind, value, meta size, body size) of a frame's header, or FrameError: the checks every reader makes."""
+    magic, kind, _, _, value, meta_size, body_size = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise FrameError("not a remote-predict frame (bad magic): is this port a remote-predict --tcp_port?")
+    if kind not in KINDS:
+        raise FrameError(f"unknown frame kind {kind}")
+    if meta_size > _MAX_META_BYTES:
+        raise FrameError(f"frame metadata of {meta_size} bytes is larger than the limit of {_MAX_META_BYTES}")
+    if body_size > max_body:
+        raise FrameError(f"a frame body of {body_size} bytes is larger than the limit of {max_body}")
+    return kind, value, meta_size, body_size
+
+
 def _read_exact(sock: socket.socket, size: int, first: bool = False) -> bytearray:
     """`size` bytes. The buffer grows as bytes arrive (doubling from 1 MiB), so that a peer declaring a
     huge frame and sending nothing makes us allocate nothing much."""
@@ -107,16 +121,80 @@ def _read_exact(sock: socket.socket, size: int, first: bool = False) -> bytearra
 
 
 def read(sock: socket.socket, max_body: int = MAX_FRAME_BYTES) -> tuple[int, int, bytes, bytearray]:
-    """One frame: (kind, value, meta, body). Raises EOFError at a clean end between frames."""
-    magic, kind, _, _, value, meta_size, body_size = HEADER.unpack(_read_exact(sock, HEADER.size, first=True))
-    if magic != MAGIC:
-        raise FrameError("not a remote-predict frame (bad magic): is this port a remote-predict --tcp_port?")
-    if kind not in KINDS:
-        raise FrameError(f"unknown frame kind {kind}")
-    if meta_size > _MAX_META_BYTES:
-        raise FrameError(f"frame metadata of {meta_size} bytes is larger than the limit of {_MAX_META_BYTES}")
-    if body_size > max_body:
-        raise FrameError(f"a frame body of {body_size} bytes is larger than the limit of {max_body}")
+    """One frame from a blocking socket: (kind, value, meta, body). Raises EOFError at a clean end between
+    frames."""
+    kind, value, meta_size, body_size = parse_header(_read_exact(sock, HEADER.size, first=True), max_body)
     meta = bytes(_read_exact(sock, meta_size)) if meta_size else b""
     body = _read_exact(sock, body_size) if body_size else bytearray()
     return kind, value, meta, body
+
+
+class FrameReader:
+    """One frame from a non-blocking socket, a piece at a time: `feed` reads what has arrived and says
+    whether the frame is complete. Buffers grow as bytes arrive, as in `read`."""
+
+    def __init__(self, max_body: int = MAX_FRAME_BYTES):
+        self.max_body = max_body
+        self.header: tuple[int, int, int, int] | None = None  # (kind, value, meta size, body size)
+        self._parts: list[bytearray] = []  # the header's, then meta's and body's buffers, as each is begun
+        self._sizes = [HEADER.size]  # of the parts not finished yet
+        self._buffer = bytearray(HEADER.size)
+        self._done = 0
+
+    def feed(self, sock: socket.socket) -> bool:
+        """Read until the frame is complete (True) or nothing more has arrived (False). Raises EOFError when
+        the peer closed before the frame began, FrameError for a bad frame or one cut short."""
+        while self._sizes:
+            size = self._sizes[0]
+            if self._done < size:
+                if self._done == len(self._buffer):
+                    self._buffer.extend(bytes(min(len(self._buffer), size - len(self._buffer))))
+                try:
+                    with memoryview(self._buffer) as view:
+                        got = sock.recv_into(view[self._done:])
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    return False
+                if not got:
+                    if self.header is None and self._done == 0:
+                        raise EOFError("the peer closed the connection")
+                    raise FrameError("the connection closed in the middle of a frame")
+                self._done += got
+                continue
+            self._parts.append(self._buffer)
+            self._sizes.pop(0)
+            if self.header is None:
+                self.header = parse_header(self._buffer, self.max_body)
+                self._sizes = [self.header[2], self.header[3]]
+            if self._sizes:
+                self._buffer, self._done = bytearray(min(self._sizes[0], _FIRST_CHUNK)), 0
+        return True
+
+    def frame(self) -> tuple[int, int, bytes, bytearray]:
+        """The complete frame: (kind, value, meta, body)."""
+        kind, value, _, _ = self.header
+        return kind, value, bytes(self._parts[1]), self._parts[2]
+
+
+class FrameWriter:
+    """One frame to a non-blocking socket, as much as it takes at a time: `write` says whether all is sent."""
+
+    def __init__(self, parts: list):
+        if len(parts) > 2:  # header and meta in one piece: one small write fewer
+            parts = [b"".join(bytes(p) for p in parts[:2]), *parts[2:]]
+        self._views = [memoryview(p).cast("B") for p in parts if len(p)]
+
+    def write(self, sock: socket.socket) -> bool:
+        tls = isinstance(sock, ssl.SSLSocket)  # no sendmsg over TLS
+        while self._views:
+            try:
+                sent = sock.send(self._views[0]) if tls else sock.sendmsg(self._views)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            while sent and self._views:
+                if sent >= self._views[0].nbytes:
+                    sent -= self._views[0].nbytes
+                    self._views.pop(0)
+                else:
+                    self._views[0] = self._views[0][sent:]
+                    sent = 0
+        return True
