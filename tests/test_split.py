@@ -17,6 +17,7 @@ from helpers import REPO, InProcessServer, ServerProcess, float_val, free_port, 
 from remote_predict.checkpoint_bundle import Bundle
 from remote_predict.op.partition import Partition
 from remote_predict.split import cli as split_cli
+from split_helpers import Split, shard_tables
 
 
 def recommender(path, users=100, items=50, dim=8, seed=0) -> str:
@@ -42,40 +43,6 @@ def sequential(path, rows=40) -> str:
                              name="seq")
     model.save(path)
     return str(path)
-
-
-class Split:
-    """A split written by the CLI, served: shard servers and a master (plus the unsplit model) in-process."""
-
-    def __init__(self, model: str, out, shards: int, *flags: str, name: str = "rec"):
-        self.ports = [free_port() for _ in range(shards)]
-        addresses = ";".join(f"127.0.0.1:{p}" for p in self.ports)
-        assert split_cli.main([model, f"--output_dir={out}", f"--shards={shards}", f"--shard_addresses={addresses}",
-                               "--export_unsplit", f"--name={name}", *flags]) == 0
-        self.shards = [InProcessServer(f"--model_config_file={out / 'config' / f'shard_{k}.config'}",
-                                       "--file_system_poll_wait_seconds=0", f"--tcp_port={port}", rest=False)
-                       for k, port in enumerate(self.ports)]
-        config = write_config(out / "both.config", {name: out / "master", "unsplit": out / "unsplit"})
-        self.master = InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
-                                      "--remote_predict_loopback_in_process=false")
-        self.name = name
-
-    def answers(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
-        return (tf.make_ndarray(self.master.predict(self.name, inputs).outputs["output_0"]),
-                tf.make_ndarray(self.master.predict("unsplit", inputs).outputs["output_0"]))
-
-    def stop(self) -> None:
-        for server in [self.master, *self.shards]:
-            server.stop()
-
-
-def shard_tables(out, shard: int, name: str = "rec") -> set[str]:
-    """The tables shard `shard`'s model holds: the inputs of its `lookup` signature."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel.FromString((out / "shards" / f"{name}_shard_{shard}" / "1" /
-                                                   "saved_model.pb").read_bytes())
-    return set(saved.meta_graphs[0].signature_def["lookup"].inputs)
 
 
 def random_ids(rng, batch, users=100, items=50):
