@@ -1,6 +1,7 @@
 """`remote-predict split`: shard tables over real servers and compare every answer with the unsplit model."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -332,6 +333,41 @@ def test_table_choice_and_refusals(tmp_path, capsys):
         split_cli.main([model, f"--output_dir={tmp_path / 'c'}", "--tables=user_table", "--shard_addresses=a:1"])
     assert split_cli.main([model, f"--output_dir={tmp_path / 'd'}", "--threshold_mib=0.002"]) == 0
     assert shard_tables(tmp_path / "d", 0) == {"user_table"}  # 3.2 kB vs 1.6 kB
+
+
+def version_dirs(out) -> list[str]:
+    """Every version directory (and scratch directory) in a split's output, relative to it."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir() and (p.name.isdigit()
+                                                                                     or p.name.startswith(".")))
+
+
+def test_a_failed_split_leaves_no_half_output_and_a_rerun_says_what_to_do(tmp_path):
+    model = recommender(tmp_path / "rec.keras")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "master").write_text("a file where the master's base path goes")
+    command = [model, f"--output_dir={out}", "--shards=2", "--tables=user_table,item_table", "--export_unsplit"]
+    with pytest.raises(SystemExit, match=r"remote-predict split: .*master"):
+        split_cli.main(command)
+    assert version_dirs(out) == [], "the shards were written, but nothing of a failed split stays"
+    (out / "master").unlink()
+    assert split_cli.main(command) == 0
+    written = ["master/1", "shards/rec_shard_0/1", "shards/rec_shard_1/1", "unsplit/1"]
+    assert version_dirs(out) == written
+    before = {d: (out / d / "saved_model.pb").stat().st_mtime_ns for d in written}
+    with pytest.raises(SystemExit) as refused:
+        split_cli.main(command)
+    assert str(refused.value) == (f"remote-predict split: version 1 is already in {out} (shards/rec_shard_0/1, "
+                                  "shards/rec_shard_1/1, master/1, unsplit/1); pick another --version, or remove "
+                                  "them to write it again")
+    assert {d: (out / d / "saved_model.pb").stat().st_mtime_ns for d in written} == before
+    assert version_dirs(out) == written, "and nothing was written aside"
+    shutil.rmtree(out / "master" / "1")  # as after a run that stopped while it waited for its shards
+    shutil.rmtree(out / "unsplit" / "1")
+    with pytest.raises(SystemExit, match="run with --only=master"):
+        split_cli.main(command[:-1])
+    assert split_cli.main([*command[:-1], "--only=master"]) == 0
+    assert split_cli.main([*command, "--version=2"]) == 0
 
 
 def test_launch_script_starts_a_working_deployment(tmp_path):

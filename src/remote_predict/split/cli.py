@@ -34,7 +34,7 @@ from remote_predict.op import api as remote_predict
 from remote_predict.op.kernel import call_stub
 from remote_predict.op.lookup import LOOKUP_SIGNATURE
 from remote_predict.op.partition import STRATEGIES, Partition
-from remote_predict.split import deploy, models, sources, writers
+from remote_predict.split import deploy, models, sources, staging, writers
 from remote_predict.split.keras_archive import KerasArchive
 
 SHARD_POLICY = "latest { num_versions: 2 }"  # a master's version N and N+1 may both be live in a roll-out
@@ -109,18 +109,31 @@ def _wait_for_versions(shards: dict[str, str], tables: Sequence[str], version: i
             print(f"  {model} version {version} answers at {replica}", file=sys.stderr)
 
 
+def _refuse_taken(out: str, version: int, pieces: Sequence[str], masters: Sequence[str]) -> None:
+    """Stop before any work if a version directory this run writes is there already (`masters`: the
+    master's or head's, which a run stopped while waiting for its shards lacks)."""
+    existing = staging.taken(pieces)
+    if existing:
+        hint = bool(masters) and not staging.taken(masters) and len(existing) + len(masters) == len(pieces)
+        raise SystemExit(f"remote-predict split: {staging.refusal(existing, out, version, only_master=hint)}")
+
+
 def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.Server]:
-    tables = _choose_tables(source, args.tables, args.threshold_mib)
     targets = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port, args.shard_protocol)
     out = os.path.abspath(args.output_dir)
     shard_names = tuple(f"{name}_shard_{k}" for k in range(args.shards))
     shard_paths = [os.path.join(out, "shards", shard_name) for shard_name in shard_names]
+    shard_versions = [os.path.join(p, str(args.version)) for p in shard_paths] if args.only != "master" else []
+    master = [os.path.join(out, "master", str(args.version))] if args.only != "shards" else []
+    unsplit = [os.path.join(out, "unsplit", str(args.version))] if args.export_unsplit else []
+    _refuse_taken(out, args.version, [*shard_versions, *master, *unsplit], master)
+    tables = _choose_tables(source, args.tables, args.threshold_mib)
     plans = []
     for table_name, table in tables.items():
         rows, dim = table.shape
         plans.append(models.TablePlan(table_name, rows, dim, args.partition, tuple(targets), shard_names))
-    if args.only in ("all", "shards"):
-        for k in range(args.shards):  # one model per shard server, holding its part of every table
+    with staging.Staging(out) as stage:
+        for k, shard_version in enumerate(shard_versions):  # one model per shard server: its part of every table
             parts = []
             for plan in plans:
                 table = tables[plan.layer]
@@ -128,16 +141,18 @@ def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.S
                 label = f"table {plan.layer} ({plan.rows} x {plan.dim}) shard {k + 1}/{args.shards}"
                 parts.append(writers.ShardTable(plan.layer, partition.shard_rows(k), plan.dim, table.dtype,
                                                 writers.shard_chunks(table, partition, k, writers.Progress(label))))
-            writers.write_shard(os.path.join(shard_paths[k], str(args.version)), parts)
-    if args.only in ("all", "master") and args.wait_for_shards:
-        _wait_for_versions(dict(zip(shard_names, targets, strict=True)), list(tables), args.version,
-                           args.wait_timeout)
-    if args.only in ("all", "master"):
-        print(f"  master {name} version {args.version}", file=sys.stderr)
-        source.write_master(os.path.join(out, "master", str(args.version)), plans, args.version, args.deadline_ms)
-    if args.export_unsplit:
-        print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
-        source.write_unsplit(os.path.join(out, "unsplit", str(args.version)))
+            writers.write_shard(stage.path(shard_version), parts)
+        if master and args.wait_for_shards:
+            stage.commit()  # the shard servers must see them to load them
+            _wait_for_versions(dict(zip(shard_names, targets, strict=True)), list(tables), args.version,
+                               args.wait_timeout)
+        if master:
+            print(f"  master {name} version {args.version}", file=sys.stderr)
+            source.write_master(stage.path(master[0]), plans, args.version, args.deadline_ms)
+        if unsplit:
+            print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
+            source.write_unsplit(stage.path(unsplit[0]))
+        stage.commit()
     servers = [deploy.Server("master", {name: os.path.join(out, "master")}, [args.master_port],
                              rest_port=args.master_rest_port)]
     for k in range(args.shards):
@@ -183,17 +198,21 @@ def _write_consumer(path: str, head: keras.Model, archive: KerasArchive, base_in
 def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
     out = os.path.abspath(args.output_dir)
     base_name = args.base_name or f"{name}_base"
+    base_version = [os.path.join(out, "base", str(args.version))] if args.only != "master" else []
+    head_version = [os.path.join(out, "head", str(args.version))] if args.only != "shards" else []
+    _refuse_taken(out, args.version, [*base_version, *head_version], head_version)
     base, head, needed = models.cut_models(archive, args.cut)
     base_inputs = [tensor.name for tensor in base.inputs]  # the names its exported signature takes
-    if args.only in ("all", "shards"):
-        print(f"  base {base_name} version {args.version}: inputs {base_inputs} -> {args.cut}", file=sys.stderr)
-        writers.write_keras(os.path.join(out, "base", str(args.version)), base)
-    if args.only in ("all", "master"):
-        path = os.path.join(out, "head", str(args.version))
-        inputs = _write_consumer(path, head, archive, base_inputs, needed, args.base_address, base_name,
-                                 args.version, args.deadline_ms)
-        print(f"  head {name} version {args.version}: inputs {inputs}, calls {base_name} at {args.base_address}",
-              file=sys.stderr)
+    with staging.Staging(out) as stage:
+        if base_version:
+            print(f"  base {base_name} version {args.version}: inputs {base_inputs} -> {args.cut}", file=sys.stderr)
+            writers.write_keras(stage.path(base_version[0]), base)
+        if head_version:
+            inputs = _write_consumer(stage.path(head_version[0]), head, archive, base_inputs, needed,
+                                     args.base_address, base_name, args.version, args.deadline_ms)
+            print(f"  head {name} version {args.version}: inputs {inputs}, calls {base_name} at "
+                  f"{args.base_address}", file=sys.stderr)
+        stage.commit()
     ports, others = deploy.local_ports(args.base_address)
     head_server = deploy.Server("head", {name: os.path.join(out, "head")}, [args.master_port],
                                 rest_port=args.master_rest_port)
@@ -252,6 +271,8 @@ def main(argv: list[str]) -> int:
             raise SystemExit("--cut needs the model's layers: give the .keras file (a SavedModel export has no "
                              "layer config)")
         servers = _split_cut(args, source.archive, name) if args.cut else _split_tables(args, source, name)
+    except OSError as e:  # e.g. no space left, or a file where a directory of OUTPUT goes: nothing was left
+        raise SystemExit(f"remote-predict split: {e}") from None
     finally:
         source.close()
     written = deploy.write(args.output_dir, servers)
