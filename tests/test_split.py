@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from helpers import REPO, InProcessServer, ServerProcess, float_val, free_port, wait_until, write_config
+from helpers import HALF_PLUS_TWO, REPO, InProcessServer, ServerProcess, float_val, free_port, wait_until, write_config
 from remote_predict.checkpoint_bundle import Bundle
 from remote_predict.op.partition import Partition
 from remote_predict.split import cli as split_cli
@@ -371,6 +371,8 @@ def test_a_failed_split_leaves_no_half_output_and_a_rerun_says_what_to_do(tmp_pa
 
 
 def test_launch_script_starts_a_working_deployment(tmp_path):
+    """launch.sh starts every server and says, in one line, when all of them answer their health checks:
+    from then on the master answers."""
     model = recommender(tmp_path / "rec.keras")
     ports = [free_port() for _ in range(3)]
     assert split_cli.main([model, f"--output_dir={tmp_path / 'out'}", "--shards=2", "--tables=user_table,item_table",
@@ -379,8 +381,16 @@ def test_launch_script_starts_a_working_deployment(tmp_path):
     assert "Procfile" in os.listdir(tmp_path / "out")
     env = {**os.environ, "REMOTE_PREDICT": f"{sys.executable} -m remote_predict"}
     launch = subprocess.Popen(["bash", str(tmp_path / "out" / "launch.sh")], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        lines = []
+        for line in launch.stdout:  # the servers' own lines, then the health line
+            lines.append(line)
+            if "health checks" in line:
+                break
+        assert lines[-1].startswith("all 3 servers answer their health checks: master (grpc://127.0.0.1:"), lines
+        assert f"shard_0 (tcp://127.0.0.1:{ports[0]})" in lines[-1]
+        assert f"shard_1 (tcp://127.0.0.1:{ports[1]})" in lines[-1]
         with grpc.insecure_channel(f"127.0.0.1:{ports[2]}") as channel:
             from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -389,17 +399,31 @@ def test_launch_script_starts_a_working_deployment(tmp_path):
             request.model_spec.name = "rec"
             for alias, array in {"user": np.array([[3]], np.int32), "items": np.array([[1, 2, 3]], np.int32)}.items():
                 request.inputs[alias].CopyFrom(tf.make_tensor_proto(array))
-
-            def answers() -> bool:
-                try:
-                    return stub.Predict(request, timeout=5).outputs["output_0"].float_val != []
-                except grpc.RpcError:
-                    return False
-
-            wait_until(answers, 120, "the launched deployment to answer", interval=0.5)
+            assert len(stub.Predict(request, timeout=30).outputs["output_0"].float_val) == 1
     finally:
         os.killpg(launch.pid, 15)
         launch.wait(timeout=60)
+
+
+def test_health_command_says_which_servers_do_not_answer(capsys):
+    from remote_predict.tools import health
+
+    with InProcessServer(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=m", f"--tcp_port={free_port()}",
+                         rest=False) as server:
+        up = [f"a=grpc://127.0.0.1:{server.grpc_port}", f"b=tcp://127.0.0.1:{server.server.tcp_port}"]
+        closed = f"c=tcp://127.0.0.1:{free_port()}"
+        assert health.main(up) == 0
+        assert health.main([*up, closed]) == 1
+        assert capsys.readouterr().out.splitlines()[-1] == f"c ({closed[2:]}): NOT SERVING"
+        # Each check speaks its own protocol: a tcp port is no gRPC server, nor the gRPC port a tcp one.
+        assert not health.grpc_serving(f"127.0.0.1:{server.server.tcp_port}", 2)
+        assert not health.tcp_serving(f"127.0.0.1:{server.grpc_port}", 2)
+        assert health.main(["--wait=5", *up]) == 0
+        assert capsys.readouterr().out.startswith("all 2 servers answer their health checks: a (grpc://")
+        assert health.main(["--wait=1", *up, closed]) == 1
+        assert "1 of 3 servers do not answer their health checks: c (tcp://" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        health.main(["http://x:1"])
 
 
 def test_replica_stopped_under_load_no_request_fails(tmp_path):

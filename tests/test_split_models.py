@@ -4,6 +4,11 @@ TF1 SavedModels (Estimator-era `tf.compat.v1.saved_model.Builder` exports, parti
 Keras models with `Embedding(mask_zero=True)` feeding mask-aware layers.
 """
 
+import re
+import subprocess
+import sys
+import time
+
 import grpc
 import keras
 import numpy as np
@@ -116,6 +121,28 @@ def test_split_a_tf1_saved_model_bit_for_bit(tmp_path, kind, shards, strategy):
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value.details())
     finally:
         split.stop()
+
+
+def test_split_command_prints_its_progress_and_its_whole_time(tmp_path):
+    """Run as users run it: no TensorFlow deprecation warning among the progress lines, and "done in" says
+    the command's whole time (starting Python and importing TensorFlow are most of a small split's)."""
+    model = tf1_recommender(tmp_path / "rec", "resource_mod_sparse")
+    started = time.monotonic()
+    command = [sys.executable, "-m", "remote_predict", "split", model, f"--output_dir={tmp_path / 'out'}",
+               "--threshold_mib=0", "--export_unsplit"]
+    split = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, seen = [], None
+    for line in split.stderr:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("done in "):
+            seen = time.monotonic() - started  # no later than the line was printed
+    assert split.wait() == 0, lines
+    assert not [line for line in lines if "deprecat" in line.lower() or "Instructions for updating" in line], lines
+    assert "  table user (60 x 8) shard 2/2: 100%" in lines and "  master rec version 1" in lines
+    done = next(line for line in lines if line.startswith("done in "))
+    reported = float(re.match(r"done in ([0-9.]+)s;", done).group(1))
+    # The figure is the process's age: at most what the parent saw (plus rounding), and not a fraction of it.
+    assert 0.8 * seen <= reported <= seen + 0.1, (reported, seen)
 
 
 def test_tf1_refusals(tmp_path):

@@ -221,7 +221,8 @@ def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
     return [head_server, base_server]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], started: float | None = None) -> int:
+    """Run a split; `started` (on the monotonic clock) is when the command began, for its "done in"."""
     parser = argparse.ArgumentParser(prog="remote-predict split", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .keras file, or a SavedModel directory (or a base path of versions) "
@@ -259,7 +260,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.shards < 1:
         parser.error("--shards must be at least 1")
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     try:
         source = sources.open_source(args.model)
     except (OSError, ValueError) as e:
