@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from remote_predict.op import addresses
 
 GRPC_PORT_OFFSET = 1000  # a shard reached over tcp on port P serves gRPC on P + 1000 (launch.sh, Procfile)
+HEALTH_WAIT_SECONDS = 900  # launch.sh says when every server answers, or after this long which do not
 
 
 @dataclass
@@ -102,7 +103,7 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
     """Write config/<server>.config, and launch.sh and Procfile unless `scripts` is False; returns the files."""
     config_dir = os.path.join(output_dir, "config")
     os.makedirs(config_dir, exist_ok=True)
-    written, launch, procfile = [], [], []
+    written, launch, procfile, checks = [], [], [], []
     for server in servers:
         path = os.path.join(config_dir, f"{server.name}.config")
         with open(path, "w", encoding="utf-8") as f:
@@ -113,6 +114,9 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
             command = _command(server, index, os.path.abspath(path))
             launch.append(f'echo "starting {label} on 127.0.0.1:{port}"\n{command} &\npids+=($!)')
             procfile.append(f"{label}: {command}")
+            # What the callers use: a shard's tcp port (its HEALTH frame), otherwise the gRPC health service.
+            health = f"tcp://127.0.0.1:{server.tcp_ports[index]}" if server.tcp_ports else f"grpc://127.0.0.1:{port}"
+            checks.append(f"{label}={health}")
         for host in server.remote_hosts:
             launch.append(f"# {server.name} on {host}: run there with --model_config_file={os.path.abspath(path)}")
     if not scripts:  # the servers run elsewhere (Kubernetes): a script for this machine would mislead
@@ -123,7 +127,9 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
                 "# Starts every server of this split on this machine (loopback only); Ctrl-C stops them all.\n"
                 "# Set REMOTE_PREDICT to the remote-predict command if it is not on PATH.\n"
                 "set -u\npids=()\ntrap 'kill \"${pids[@]}\" 2>/dev/null; wait' EXIT INT TERM\n"
-                + "\n".join(launch) + "\nwait\n")
+                + "\n".join(launch)
+                + f"\n${{REMOTE_PREDICT:-remote-predict}} health --wait={HEALTH_WAIT_SECONDS} {' '.join(checks)} &"
+                  "\npids+=($!)\nwait\n")
     os.chmod(script, 0o755)
     procfile_path = os.path.join(output_dir, "Procfile")
     with open(procfile_path, "w", encoding="utf-8") as f:
