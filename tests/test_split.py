@@ -436,8 +436,9 @@ def test_launch_script_starts_a_working_deployment(tmp_path):
                            f"--master_port={ports[2]}", f"--master_rest_port={free_port()}"]) == 0
     assert "Procfile" in os.listdir(tmp_path / "out")
     env = {**os.environ, "REMOTE_PREDICT": f"{sys.executable} -m remote_predict"}
+    log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 (the servers write it until they stop)
     launch = subprocess.Popen(["bash", str(tmp_path / "out" / "launch.sh")], env=env, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         lines = []
         for line in launch.stdout:  # the servers' own lines, then the health line
@@ -458,7 +459,13 @@ def test_launch_script_starts_a_working_deployment(tmp_path):
             assert len(stub.Predict(request, timeout=30).outputs["output_0"].float_val) == 1
     finally:
         os.killpg(launch.pid, 15)
-        launch.wait(timeout=60)
+        try:
+            code = launch.wait(timeout=60)
+        finally:
+            log.close()
+        # launch.sh stops everything within its bound (killing, and naming, a server that does not stop)
+        print((tmp_path / "launch.log").read_text()[-4000:])
+    assert code == 0
 
 
 def test_health_command_says_which_servers_do_not_answer(capsys):

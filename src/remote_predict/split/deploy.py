@@ -12,6 +12,9 @@ from remote_predict.op import addresses
 
 GRPC_PORT_OFFSET = 1000  # a shard reached over tcp on port P serves gRPC on P + 1000 (launch.sh, Procfile)
 HEALTH_WAIT_SECONDS = 900  # launch.sh says when every server answers, or after this long which do not
+# On Ctrl-C or SIGTERM, launch.sh gives its servers their drain time (--drain_timeout_seconds, 30 s by
+# default) and a margin, then kills whichever still runs and names it: stopping must never hang.
+STOP_WAIT_SECONDS = 45
 
 
 @dataclass
@@ -126,7 +129,23 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
         f.write("#!/usr/bin/env bash\n"
                 "# Starts every server of this split on this machine (loopback only); Ctrl-C stops them all.\n"
                 "# Set REMOTE_PREDICT to the remote-predict command if it is not on PATH.\n"
-                "set -u\npids=()\ntrap 'kill \"${pids[@]}\" 2>/dev/null; wait' EXIT INT TERM\n"
+                "set -u\npids=()\n"
+                "stop_all() {\n"
+                "  trap - INT TERM\n"
+                "  kill \"${pids[@]}\" 2>/dev/null\n"
+                f"  local give_up=$((SECONDS + {STOP_WAIT_SECONDS}))\n"
+                "  while [ -n \"$(jobs -pr)\" ] && [ \"$SECONDS\" -lt \"$give_up\" ]; do sleep 0.2; done\n"
+                "  local left\n  left=$(jobs -pr)\n"
+                "  if [ -n \"$left\" ]; then\n"
+                f"    echo \"launch.sh: still running {STOP_WAIT_SECONDS}s after SIGTERM, killed:\" $left >&2\n"
+                "    ps -o pid=,args= -p \"$(echo $left | tr ' ' ,)\" >&2\n"
+                "    kill -KILL $left 2>/dev/null\n"
+                "  fi\n"
+                "  wait\n"
+                "  exit 0\n"
+                "}\n"
+                "trap stop_all INT TERM\n"
+                "trap 'kill \"${pids[@]}\" 2>/dev/null' EXIT\n"
                 + "\n".join(launch)
                 + f"\n${{REMOTE_PREDICT:-remote-predict}} health --wait={HEALTH_WAIT_SECONDS} {' '.join(checks)} &"
                   "\npids+=($!)\nwait\n")
