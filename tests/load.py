@@ -85,3 +85,52 @@ def describe(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         by_model.setdefault(o.model, Counter())[o.code] += 1
     return "; ".join(f"{m}: {dict(c)}" for m, c in sorted(by_model.items()))
+
+
+class PacedLoad:
+    """`clients` clients, each starting a request every `period` seconds (at once when the last one took
+    longer), until stopped: a steady, bounded rate that a fault cannot turn into a retry storm.
+
+    `make(client, n)` gives `(model, request, check)`; `check(response)` is "" for the expected answer,
+    else what is wrong with it (counted as WRONG, never as OK).
+    """
+
+    def __init__(self, address: str, clients: int, period: float, make, timeout: float = 10.0,
+                 max_seconds: float = 300.0):
+        self.address, self.period, self.make, self.timeout = address, period, make, timeout
+        self.outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, index: int) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            n = 0
+            # Clients start spread over one period, not all at once.
+            next_at = time.monotonic() + self.period * index / max(1, len(self._threads))
+            while not self._stop.wait(max(0.0, next_at - time.monotonic())) and time.monotonic() < self._deadline:
+                model, request, check = self.make(index, n)
+                n += 1
+                started = time.monotonic()
+                next_at = started + self.period
+                try:
+                    wrong = check(stub.Predict(request, timeout=self.timeout))
+                    outcome = Outcome(model, started, time.monotonic() - started, "WRONG" if wrong else "OK", wrong)
+                except grpc.RpcError as e:
+                    outcome = Outcome(model, started, time.monotonic() - started, e.code().name, e.details() or "")
+                with self._lock:
+                    self.outcomes.append(outcome)
+
+    def stop(self) -> list[Outcome]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout + 5)
+        return self.outcomes
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)

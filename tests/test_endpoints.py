@@ -14,6 +14,19 @@ def test_stall_after_follows_the_targets_latency_within_bounds():
     assert endpoints.stall_after(None, 0.1) == pytest.approx(0.025)  # a short deadline shortens the floor
 
 
+def test_the_last_endpoint_up_is_given_a_quarter_of_the_deadline():
+    """With nowhere else to send a call, guessing early gains nothing and a false guess fails every call."""
+    assert endpoints.stall_after(0.001, 2.0, alternatives=False) == pytest.approx(0.5)
+    assert endpoints.stall_after(None, 2.0, alternatives=False) == pytest.approx(0.5)
+    replicas = EndpointSet("tcp://a:1,b:1", ["a:1", "b:1"])
+    a, b = replicas.endpoints
+    assert replicas.others_up(a) and replicas.others_up(b)
+    replicas.eject(a, "stopped answering")
+    assert replicas.others_up(a) and not replicas.others_up(b)  # b is the last one up
+    single = EndpointSet("tcp://a:1", ["a:1"])
+    assert not single.others_up(single.endpoints[0])
+
+
 def test_a_replica_stopped_answering_only_when_it_answered_nothing_since():
     replica = Endpoint("a:1", last_answer=9.0)
     assert not endpoints.stopped_answering(replica, sent_at=10.0, now=10.04, after=0.05)  # not waited long enough
@@ -49,22 +62,28 @@ def test_latency_p99_comes_from_recent_answers():
 def test_eject_and_rejoin_tell_listeners_once():
     events = []
     replicas = EndpointSet("tcp://a:1,b:1", ["a:1", "b:1"])
-    replicas.listeners.append(lambda target, endpoint, up, why: events.append((endpoint, up, why)))
+    replicas.listeners.append(lambda target, endpoint, event, why: events.append((endpoint, event, why)))
     a, b = replicas.endpoints
     assert replicas.eject(a, "stopped answering", now=5.0)
     assert not replicas.eject(a, "stopped answering", now=5.1)  # already out
     assert replicas.pick() is b and replicas.pick() is b  # calls go to the other replica only
     assert a.describe(5.8) == "a:1 stopped answering 800 ms ago"
     assert replicas.rejoin(a) and not replicas.rejoin(a)
-    assert events == [("a:1", False, "stopped answering"), ("a:1", True, "")]
+    assert events == [("a:1", endpoints.EJECTED, "stopped answering"), ("a:1", endpoints.UP, "")]
     assert replicas.pick() is a  # b has two calls in flight, a none
 
 
 def test_a_new_address_list_keeps_known_replicas_and_their_state():
-    replicas = EndpointSet("tcp://svc:1", ["10.0.0.1:1", "10.0.0.2:1"])
+    events = []
+    replicas = EndpointSet("tcp://svc:1", [])
+    replicas.listeners.append(lambda target, endpoint, event, why: events.append((endpoint, event)))
+    replicas.replace(["10.0.0.1:1", "10.0.0.2:1"])
     first, second = replicas.endpoints
     replicas.eject(second, "refused the connection")
     dropped = replicas.replace(["10.0.0.2:1", "10.0.0.3:1"])
     assert dropped == [first]
+    assert events == [("10.0.0.1:1", endpoints.ADDED), ("10.0.0.2:1", endpoints.ADDED),
+                      ("10.0.0.2:1", endpoints.EJECTED), ("10.0.0.3:1", endpoints.ADDED),
+                      ("10.0.0.1:1", endpoints.GONE)]  # each resolved address is reported, and each dropped one
     assert replicas.endpoints[0] is second and not second.up  # still ejected: a new DNS answer is no probe
     assert replicas.endpoints[1].address == "10.0.0.3:1" and replicas.endpoints[1].up

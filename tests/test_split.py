@@ -1,6 +1,7 @@
 """`remote-predict split`: shard tables over real servers and compare every answer with the unsplit model."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,10 +14,11 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from helpers import REPO, InProcessServer, ServerProcess, float_val, free_port, wait_until, write_config
+from helpers import HALF_PLUS_TWO, REPO, InProcessServer, ServerProcess, float_val, free_port, wait_until, write_config
 from remote_predict.checkpoint_bundle import Bundle
 from remote_predict.op.partition import Partition
 from remote_predict.split import cli as split_cli
+from split_helpers import Split, shard_tables
 
 
 def recommender(path, users=100, items=50, dim=8, seed=0) -> str:
@@ -42,40 +44,6 @@ def sequential(path, rows=40) -> str:
                              name="seq")
     model.save(path)
     return str(path)
-
-
-class Split:
-    """A split written by the CLI, served: shard servers and a master (plus the unsplit model) in-process."""
-
-    def __init__(self, model: str, out, shards: int, *flags: str, name: str = "rec", master_flags=()):
-        self.ports = [free_port() for _ in range(shards)]
-        addresses = ";".join(f"127.0.0.1:{p}" for p in self.ports)
-        assert split_cli.main([model, f"--output_dir={out}", f"--shards={shards}", f"--shard_addresses={addresses}",
-                               "--export_unsplit", f"--name={name}", *flags]) == 0
-        self.shards = [InProcessServer(f"--model_config_file={out / 'config' / f'shard_{k}.config'}",
-                                       "--file_system_poll_wait_seconds=0", f"--tcp_port={port}", rest=False)
-                       for k, port in enumerate(self.ports)]
-        config = write_config(out / "both.config", {name: out / "master", "unsplit": out / "unsplit"})
-        self.master = InProcessServer(f"--model_config_file={config}", "--file_system_poll_wait_seconds=0",
-                                      "--remote_predict_loopback_in_process=false", *master_flags)
-        self.name = name
-
-    def answers(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
-        return (tf.make_ndarray(self.master.predict(self.name, inputs).outputs["output_0"]),
-                tf.make_ndarray(self.master.predict("unsplit", inputs).outputs["output_0"]))
-
-    def stop(self) -> None:
-        for server in [self.master, *self.shards]:
-            server.stop()
-
-
-def shard_tables(out, shard: int, name: str = "rec") -> set[str]:
-    """The tables shard `shard`'s model holds: the inputs of its `lookup` signature."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel.FromString((out / "shards" / f"{name}_shard_{shard}" / "1" /
-                                                   "saved_model.pb").read_bytes())
-    return set(saved.meta_graphs[0].signature_def["lookup"].inputs)
 
 
 def random_ids(rng, batch, users=100, items=50):
@@ -423,7 +391,44 @@ def test_table_choice_and_refusals(tmp_path, capsys):
     assert shard_tables(tmp_path / "d", 0) == {"user_table"}  # 3.2 kB vs 1.6 kB
 
 
+def version_dirs(out) -> list[str]:
+    """Every version directory (and scratch directory) in a split's output, relative to it."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir() and (p.name.isdigit()
+                                                                                     or p.name.startswith(".")))
+
+
+def test_a_failed_split_leaves_no_half_output_and_a_rerun_says_what_to_do(tmp_path):
+    model = recommender(tmp_path / "rec.keras")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "master").write_text("a file where the master's base path goes")
+    command = [model, f"--output_dir={out}", "--shards=2", "--tables=user_table,item_table", "--export_unsplit"]
+    with pytest.raises(SystemExit, match=r"remote-predict split: .*master"):
+        split_cli.main(command)
+    assert version_dirs(out) == [], "the shards were written, but nothing of a failed split stays"
+    (out / "master").unlink()
+    assert split_cli.main(command) == 0
+    written = ["master/1", "shards/rec_shard_0/1", "shards/rec_shard_1/1", "unsplit/1"]
+    assert version_dirs(out) == written
+    before = {d: (out / d / "saved_model.pb").stat().st_mtime_ns for d in written}
+    with pytest.raises(SystemExit) as refused:
+        split_cli.main(command)
+    assert str(refused.value) == (f"remote-predict split: version 1 is already in {out} (shards/rec_shard_0/1, "
+                                  "shards/rec_shard_1/1, master/1, unsplit/1); pick another --version, or remove "
+                                  "them to write it again")
+    assert {d: (out / d / "saved_model.pb").stat().st_mtime_ns for d in written} == before
+    assert version_dirs(out) == written, "and nothing was written aside"
+    shutil.rmtree(out / "master" / "1")  # as after a run that stopped while it waited for its shards
+    shutil.rmtree(out / "unsplit" / "1")
+    with pytest.raises(SystemExit, match="run with --only=master"):
+        split_cli.main(command[:-1])
+    assert split_cli.main([*command[:-1], "--only=master"]) == 0
+    assert split_cli.main([*command, "--version=2"]) == 0
+
+
 def test_launch_script_starts_a_working_deployment(tmp_path):
+    """launch.sh starts every server and says, in one line, when all of them answer their health checks:
+    from then on the master answers."""
     model = recommender(tmp_path / "rec.keras")
     ports = [free_port() for _ in range(3)]
     assert split_cli.main([model, f"--output_dir={tmp_path / 'out'}", "--shards=2", "--tables=user_table,item_table",
@@ -431,9 +436,18 @@ def test_launch_script_starts_a_working_deployment(tmp_path):
                            f"--master_port={ports[2]}", f"--master_rest_port={free_port()}"]) == 0
     assert "Procfile" in os.listdir(tmp_path / "out")
     env = {**os.environ, "REMOTE_PREDICT": f"{sys.executable} -m remote_predict"}
+    log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 (the servers write it until they stop)
     launch = subprocess.Popen(["bash", str(tmp_path / "out" / "launch.sh")], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.PIPE, stderr=log, text=True)
     try:
+        lines = []
+        for line in launch.stdout:  # the servers' own lines, then the health line
+            lines.append(line)
+            if "health checks" in line:
+                break
+        assert lines[-1].startswith("all 3 servers answer their health checks: master (grpc://127.0.0.1:"), lines
+        assert f"shard_0 (tcp://127.0.0.1:{ports[0]})" in lines[-1]
+        assert f"shard_1 (tcp://127.0.0.1:{ports[1]})" in lines[-1]
         with grpc.insecure_channel(f"127.0.0.1:{ports[2]}") as channel:
             from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -442,17 +456,37 @@ def test_launch_script_starts_a_working_deployment(tmp_path):
             request.model_spec.name = "rec"
             for alias, array in {"user": np.array([[3]], np.int32), "items": np.array([[1, 2, 3]], np.int32)}.items():
                 request.inputs[alias].CopyFrom(tf.make_tensor_proto(array))
-
-            def answers() -> bool:
-                try:
-                    return stub.Predict(request, timeout=5).outputs["output_0"].float_val != []
-                except grpc.RpcError:
-                    return False
-
-            wait_until(answers, 120, "the launched deployment to answer", interval=0.5)
+            assert len(stub.Predict(request, timeout=30).outputs["output_0"].float_val) == 1
     finally:
         os.killpg(launch.pid, 15)
-        launch.wait(timeout=60)
+        try:
+            code = launch.wait(timeout=60)
+        finally:
+            log.close()
+        # launch.sh stops everything within its bound (killing, and naming, a server that does not stop)
+        print((tmp_path / "launch.log").read_text()[-4000:])
+    assert code == 0
+
+
+def test_health_command_says_which_servers_do_not_answer(capsys):
+    from remote_predict.tools import health
+
+    with InProcessServer(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=m", f"--tcp_port={free_port()}",
+                         rest=False) as server:
+        up = [f"a=grpc://127.0.0.1:{server.grpc_port}", f"b=tcp://127.0.0.1:{server.server.tcp_port}"]
+        closed = f"c=tcp://127.0.0.1:{free_port()}"
+        assert health.main(up) == 0
+        assert health.main([*up, closed]) == 1
+        assert capsys.readouterr().out.splitlines()[-1] == f"c ({closed[2:]}): NOT SERVING"
+        # Each check speaks its own protocol: a tcp port is no gRPC server, nor the gRPC port a tcp one.
+        assert not health.grpc_serving(f"127.0.0.1:{server.server.tcp_port}", 2)
+        assert not health.tcp_serving(f"127.0.0.1:{server.grpc_port}", 2)
+        assert health.main(["--wait=5", *up]) == 0
+        assert capsys.readouterr().out.startswith("all 2 servers answer their health checks: a (grpc://")
+        assert health.main(["--wait=1", *up, closed]) == 1
+        assert "1 of 3 servers do not answer their health checks: c (tcp://" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        health.main(["http://x:1"])
 
 
 def test_replica_stopped_under_load_no_request_fails(tmp_path):

@@ -1,12 +1,16 @@
 """remote-predict's framed TCP transport (`--tcp_port`, `tcp://` targets): answers, errors, health, TLS, replicas."""
 
+import contextlib
 import signal
 import socket
+import ssl
 import time
 
 import grpc
 import numpy as np
 import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 import models
 from helpers import HALF_PLUS_TWO, InProcessServer, ServerProcess, float_val, free_port, wait_until, write_config
@@ -171,3 +175,144 @@ def test_replicas_cover_for_a_killed_and_for_a_hung_replica(tmp_path):
     during_stop = [o for o in outcomes if stopped_at <= o.started < continued_at]
     # Re-sent well within the 2 s deadline (detection takes at most a quarter of it).
     assert during_stop and max(o.seconds for o in during_stop) < 1.0, summary
+
+
+def _answers_health_over_tls(port: int, ca: str) -> bool:
+    context = ssl.create_default_context(cadata=ca)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            frames.send(sock, frames.encode(frames.HEALTH, 0, b"", b""))
+            return frames.read(sock)[1] == 0
+    except (OSError, EOFError, frames.FrameError):
+        return False
+
+
+def test_a_hung_replica_holds_neither_a_tls_handshake_nor_a_large_request(tmp_path):
+    """A stopped process's kernel still accepts connections and buffers a few MB, then nothing: a TLS
+    handshake with it, or an 8 MB request to it, must not hold the calling thread (and the call) until the
+    deadline; the call goes to the other replica."""
+    ca, server, _ = make_pki()
+    leaf_ssl = ssl_config(tmp_path / "leaf_ssl.txt", server.key, server.cert)
+    client_tls = ssl_config(tmp_path / "client_tls.txt", ca=ca.cert)
+    ports = [free_port(), free_port()]
+    leaves = [ServerProcess(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two", f"--tcp_port={port}",
+                            f"--ssl_config_file={leaf_ssl}", rest=False, wait=False) for port in ports]
+    masters = []
+    try:
+        for port in ports:
+            wait_until(lambda port=port: _answers_health_over_tls(port, ca.cert), 120, f"the leaf on tcp port {port}",
+                       interval=0.2)
+        target = "tcp://" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        for name in ("warm", "fresh"):
+            (tmp_path / name).mkdir()
+            masters.append(_master(tmp_path / name, target, f"--remote_predict_client_tls_config_file={client_tls}",
+                                   deadline_ms=10000))
+        warm, fresh = masters
+        small = np.array([[1.0], [2.0]], np.float32)
+        for _ in range(4):  # connections to both replicas, kept for the next calls
+            assert float_val(warm.predict("remote", {"x": small}), "y").tolist() == [[2.5], [3.0]]
+        leaves[0].signal(signal.SIGSTOP)
+        big = predict_pb2.PredictRequest()
+        big.model_spec.name = "remote"
+        x = np.arange(2_000_000, dtype=np.float32).reshape(-1, 1)  # 8 MB each way
+        big.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+        with grpc.insecure_channel(warm.address, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+            for _ in range(3):  # one of them is written to the stopped replica's open connection first
+                assert np.array_equal(tf.make_ndarray(predict(big, timeout=60).outputs["y"]), 0.5 * x + 2)
+        for _ in range(4):  # a master that has no connection yet: one of them starts a handshake with it
+            assert float_val(fresh.predict("remote", {"x": small}), "y").tolist() == [[2.5], [3.0]]
+    finally:
+        for master in masters:
+            master.stop()
+        for leaf in leaves:
+            leaf.stop()
+
+
+def test_metrics_list_every_replica_from_the_first_call(tmp_path):
+    """`remote_predict_op_endpoint_up` shows each replica a target resolves to, before anything failed: a
+    dashboard or an alert on "fewer than two up" needs the ones that are fine, too."""
+    with _leaf() as a, _leaf() as b:
+        endpoints = [f"127.0.0.1:{leaf.server.tcp_port}" for leaf in (a, b)]
+        target = "tcp://" + ",".join(endpoints)
+        with _master(tmp_path, target) as master:
+            assert float_val(master.predict("remote", {"x": np.array([[2.0]], np.float32)}), "y").tolist() == [[3.0]]
+            registry = master.server.metrics.registry
+            up = [registry.get_sample_value("remote_predict_op_endpoint_up", {"target": target, "endpoint": e})
+                  for e in endpoints]
+            assert up == [1.0, 1.0]
+            a.stop()
+
+            def ejected() -> bool:  # calls go on (and all succeed) until one is sent to the stopped replica
+                master.predict("remote", {"x": np.array([[2.0]], np.float32)})
+                return registry.get_sample_value("remote_predict_op_endpoint_up",
+                                                 {"target": target, "endpoint": endpoints[0]}) == 0.0
+            wait_until(ejected, 30, "the stopped replica to be ejected")
+            assert registry.get_sample_value("remote_predict_op_ejections_total",
+                                             {"target": target, "endpoint": endpoints[0]}) == 1.0
+
+
+def test_a_frame_read_in_pieces_is_the_frame_read_at_once():
+    """The non-blocking reader (calls and probes) and the blocking one (the server) agree, limits included."""
+    body = bytes(range(256)) * 5000
+    frame = b"".join(bytes(p) for p in frames.encode(frames.PREDICT, 7, b'{"a":"b"}', body))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        reader = frames.FrameReader()
+        for i in range(0, len(frame), 4099):  # pieces that cut the header, the metadata and the body
+            assert not reader.feed(ours)
+            theirs.sendall(frame[i:i + 4099])
+        assert reader.feed(ours)
+        assert reader.frame() == (frames.PREDICT, 7, b'{"a":"b"}', bytearray(body))
+        for bad, why in ((b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 10, "bad magic"),
+                         (frames.HEADER.pack(frames.MAGIC, frames.PREDICT, 0, 0, 0, 0, 101), "larger than the limit"),
+                         (frames.HEADER.pack(frames.MAGIC, 9, 0, 0, 0, 0, 0), "unknown frame kind")):
+            theirs.sendall(bad)
+            with pytest.raises(frames.FrameError, match=why):
+                frames.FrameReader(max_body=100).feed(ours)
+            with contextlib.suppress(BlockingIOError):
+                ours.recv(1 << 16)  # what the reader left
+        theirs.sendall(frame[:30])
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(frames.FrameError, match="in the middle of a frame"):
+            frames.FrameReader().feed(ours)
+
+
+def test_a_call_unanswered_after_the_hedge_delay_also_goes_to_the_other_replica(tmp_path):
+    """Replica A takes a second per answer, B none (the same answers): with hedging, a call sent to A is
+    also sent to B after 20 ms, B's answer is the one returned, and the hedge is counted; without
+    hedging, the same calls are re-sent only once A counts as stopped answering."""
+    models.slow_scale(tmp_path / "slow" / "1", 1.0, 1000)
+    models.slow_scale(tmp_path / "fast" / "1", 1.0, 0)
+    slow, fast = (InProcessServer(f"--model_base_path={tmp_path / name}", "--model_name=m", f"--tcp_port={free_port()}",
+                                  rest=False) for name in ("slow", "fast"))
+    target = f"tcp://127.0.0.1:{slow.server.tcp_port},127.0.0.1:{fast.server.tcp_port}"
+    masters = []
+    try:
+        for name, hedge in (("hedged", 20), ("plain", 0)):
+            models.caller(tmp_path / name / "1", target, "m", deadline_ms=5000)
+            config = write_config(tmp_path / f"{name}.config", {"remote": tmp_path / name})
+            masters.append(InProcessServer(f"--model_config_file={config}", f"--remote_predict_hedge_after_ms={hedge}",
+                                           "--remote_predict_loopback_in_process=false", rest=False))
+
+        def extra(master: InProcessServer, kind: str) -> float:
+            return master.server.metrics.registry.get_sample_value(
+                "remote_predict_op_attempts_extra_total", {"target": target, "kind": kind}) or 0.0
+
+        def answered_by_fast() -> float:
+            return fast.server.metrics.registry.get_sample_value(
+                "remote_predict_requests_total", {"model": "m", "api": "predict", "protocol": "tcp", "code": "OK"}) or 0
+        for master, calls in zip(masters, (4, 4), strict=True):
+            before = answered_by_fast()
+            for i in range(calls):  # calls take turns between the replicas: some are sent to the slow one first
+                x = np.array([float(i)], np.float32)
+                assert float_val(master.predict("remote", {"x": x}), "y").tolist() == [float(i)]
+            assert answered_by_fast() - before == calls  # the fast replica's answer was every call's
+        hedged, plain = masters
+        assert extra(hedged, "hedge") >= 1 and extra(hedged, "resend") == 0
+        assert extra(plain, "hedge") == 0 and extra(plain, "resend") >= 1
+    finally:
+        for server in [*masters, slow, fast]:
+            server.stop()

@@ -155,7 +155,10 @@ class Bundle:
         ranges = []
         for piece in entry.slices:
             extents = [(e.start, e.length if e.HasField("length") else -1) for e in piece.extent]
-            if len(extents) != len(shape) or any(length != -1 for _, length in extents[1:]) or extents[0][1] < 0:
+            # A dimension taken whole is written either as "-" (no length) or as "0,size" (a Saver's parts).
+            whole = all(length == -1 or (start, length) == (0, size)
+                        for (start, length), size in zip(extents[1:], shape[1:], strict=False))
+            if len(extents) != len(shape) or not whole or extents[0][1] < 0:
                 raise ValueError(f"checkpoint tensor {key!r} is sliced other than by rows; cannot read it by rows")
             stored = self._slices.get(slice_key(key, extents))
             if stored is None:

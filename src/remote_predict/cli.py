@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 
 USAGE = """usage: remote-predict COMMAND [ARGS]
 
@@ -15,6 +17,7 @@ commands:
   demo      run the seed's walk-through end to end on this machine
   bench     load a TF Serving-compatible server; report requests/s and latency per concurrency
   split     split a Keras model: shard its embedding tables over servers, or cut it into base and head
+  health    check servers' health (gRPC health service, or a --tcp_port's HEALTH frame), or wait for them
 
 Run `remote-predict COMMAND --help` for a command's options.
 """
@@ -28,6 +31,18 @@ def _setup_logging() -> None:
     tf_log.handlers.clear()
     tf_log.setLevel(logging.WARNING)
     tf_log.propagate = True
+
+
+def process_started() -> float:
+    """When this process started, on the `time.monotonic()` clock: a command's time includes starting
+    Python and importing TensorFlow, most of a small split's. Linux says so in /proc; elsewhere, now."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        age = 0.0
+    return time.monotonic() - max(0.0, age)
 
 
 def serve(argv: list[str]) -> int:
@@ -87,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "split":
         from remote_predict.split import cli as split_cli
 
-        return split_cli.main(rest)
+        return split_cli.main(rest, started=process_started())
+    if command == "health":
+        from remote_predict.tools import health
+
+        return health.main(rest)
     if command == "demo":
         from remote_predict.tools import demo
 

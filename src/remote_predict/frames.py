@@ -12,7 +12,6 @@ then may reuse the connection. A frame is a fixed header, then `meta` bytes, the
 
     magic "RPF1" | kind u8 | flags u8 | reserved u16 | value u32 | meta length u32 | body length u32
 
-A connection is read through a `FrameReader` (one `recv` for a whole small frame).
 Request frames: kind PREDICT (body: a serialized PredictRequest; value: the call's timeout in ms, 0 for
 none; meta: JSON object of call metadata such as W3C `traceparent`) or HEALTH (no body). Answer frames
 echo the kind; value is the canonical status code (0 = OK), meta the error message (UTF-8), body a
@@ -68,80 +67,64 @@ def decode_meta(meta: bytes) -> dict[str, str]:
 
 def send(sock: socket.socket, parts: list) -> None:
     """Write a whole frame to a blocking socket."""
-    left = send_some(sock, views(parts))
-    if left:
-        raise BlockingIOError("the socket would block: use send_some on non-blocking sockets")
-
-
-def send_some(sock: socket.socket, pending: list[memoryview]) -> list[memoryview]:
-    """Write what the socket takes now (it may be non-blocking); returns what is left to write."""
-    pending = [v for v in pending if v.nbytes]
-    while pending:
-        try:
-            # (no sendmsg over TLS)
-            sent = sock.send(pending[0]) if isinstance(sock, ssl.SSLSocket) else sock.sendmsg(pending)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            return pending
-        while sent and pending:
-            if sent >= pending[0].nbytes:
-                sent -= pending[0].nbytes
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][sent:]
-                sent = 0
-    return pending
-
-
-def views(parts: list) -> list[memoryview]:
-    return [memoryview(p).cast("B") for p in parts]
+    if not FrameWriter(parts).write(sock):
+        raise BlockingIOError("the socket would block: use a FrameWriter on a non-blocking socket")
 
 
 _READ_CHUNK = 16 << 10
 
 
-class FrameReader:
-    """Frames from a connection, with one `recv` for a small frame (header, meta and body together).
+def parse_header(header: bytes | bytearray | memoryview, max_body: int = MAX_FRAME_BYTES) -> tuple[int, int, int, int]:
+    """(kind, value, meta size, body size) of a frame's header, or FrameError: the checks every reader makes."""
+    magic, kind, _, _, value, meta_size, body_size = HEADER.unpack_from(header)
+    if magic != MAGIC:
+        raise FrameError("not a remote-predict frame (bad magic): is this port a remote-predict --tcp_port?")
+    if kind not in KINDS:
+        raise FrameError(f"unknown frame kind {kind}")
+    if meta_size > _MAX_META_BYTES:
+        raise FrameError(f"frame metadata of {meta_size} bytes is larger than the limit of {_MAX_META_BYTES}")
+    if body_size > max_body:
+        raise FrameError(f"a frame body of {body_size} bytes is larger than the limit of {max_body}")
+    return kind, value, meta_size, body_size
 
-    `feed` reads what a non-blocking socket has and returns a frame once it is whole (else None);
-    `read` blocks until one is. The body is a view of the reader's buffer, which the reader then lets go
-    of (it starts a new one), so arrays made from the body need no copy. A buffer grows only as bytes
-    arrive: a peer declaring a huge frame and sending nothing makes us allocate nothing much.
+
+class FrameReader:
+    """Frames from a connection, with one `recv` for a whole small frame (header, meta and body together).
+
+    `feed` reads what a non-blocking socket has and says whether a frame is complete (then `frame()` is it);
+    `read` blocks until one is. A buffer grows only as bytes arrive (doubling from 16 KiB), so that a peer
+    declaring a huge frame and sending nothing makes us allocate nothing much. The body is a view of the
+    buffer, which the reader then lets go of (it starts a new one): arrays made from it need no copy.
     """
 
     def __init__(self, max_body: int = MAX_FRAME_BYTES):
         self.max_body = max_body
+        self.header: tuple[int, int, int, int] | None = None  # (kind, value, meta size, body size)
         self._buffer = bytearray(_READ_CHUNK)
         self._have = 0
-        self._header: tuple | None = None
+        self._frame: tuple[int, int, bytes, memoryview] | None = None
 
-    def _frame(self) -> tuple[int, int, bytes, memoryview] | None:
-        if self._header is None:
+    def _complete(self) -> bool:
+        if self.header is None:
             if self._have < HEADER.size:
-                return None
-            magic, kind, _, _, value, meta_size, body_size = HEADER.unpack_from(self._buffer)
-            if magic != MAGIC:
-                raise FrameError("not a remote-predict frame (bad magic): is this port a remote-predict --tcp_port?")
-            if kind not in KINDS:
-                raise FrameError(f"unknown frame kind {kind}")
-            if meta_size > _MAX_META_BYTES:
-                raise FrameError(f"frame metadata of {meta_size} bytes is larger than the limit of {_MAX_META_BYTES}")
-            if body_size > self.max_body:
-                raise FrameError(f"a frame body of {body_size} bytes is larger than the limit of {self.max_body}")
-            self._header = (kind, value, meta_size, body_size)
-        kind, value, meta_size, body_size = self._header
+                return False
+            self.header = parse_header(self._buffer, self.max_body)
+        kind, value, meta_size, body_size = self.header
         end = HEADER.size + meta_size + body_size
         if self._have < end:
-            return None
+            return False
         buffer, have = self._buffer, self._have
-        self._buffer, self._have, self._header = bytearray(_READ_CHUNK), have - end, None
-        self._buffer[:self._have] = buffer[end:have]  # (nothing, unless the peer sent ahead)
         view = memoryview(buffer)
-        return kind, value, bytes(view[HEADER.size:HEADER.size + meta_size]), view[HEADER.size + meta_size:end]
+        self._frame = kind, value, bytes(view[HEADER.size:HEADER.size + meta_size]), view[HEADER.size + meta_size:end]
+        self._buffer, self._have, self.header = bytearray(_READ_CHUNK), have - end, None
+        self._buffer[:self._have] = buffer[end:have]  # (nothing, unless the peer sent ahead)
+        return True
 
     def _recv(self, sock: socket.socket) -> None:
-        if self._have == len(self._buffer):  # grow: to the frame's size once known, else doubling
-            wanted = HEADER.size + self._header[2] + self._header[3] if self._header else 2 * len(self._buffer)
-            self._buffer.extend(bytes(min(max(wanted, len(self._buffer) + 1) - len(self._buffer), len(self._buffer))))
+        if self._have == len(self._buffer):  # full: grow towards the frame's size, doubling at most
+            size = len(self._buffer)
+            wanted = HEADER.size + self.header[2] + self.header[3] if self.header else 2 * size
+            self._buffer.extend(bytes(min(max(wanted - size, 1), size)))
         with memoryview(self._buffer) as view:
             got = sock.recv_into(view[self._have:])
         if not got:
@@ -150,19 +133,53 @@ class FrameReader:
             raise FrameError("the connection closed in the middle of a frame")
         self._have += got
 
-    def feed(self, sock: socket.socket) -> tuple[int, int, bytes, memoryview] | None:
-        while True:
-            frame = self._frame()
-            if frame is not None:
-                return frame
+    def feed(self, sock: socket.socket) -> bool:
+        """Read what has arrived; True once a frame is complete (`frame()`). Raises EOFError when the peer
+        closed between frames, FrameError for a bad frame or one cut short."""
+        while not self._complete():
             try:
                 self._recv(sock)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return None
+                return False
+        return True
+
+    def frame(self) -> tuple[int, int, bytes, memoryview]:
+        """The frame `feed` (or `read`) completed: (kind, value, meta, body)."""
+        return self._frame
 
     def read(self, sock: socket.socket) -> tuple[int, int, bytes, memoryview]:
-        while True:
-            frame = self._frame()
-            if frame is not None:
-                return frame
+        """The next frame from a blocking socket."""
+        while not self._complete():
             self._recv(sock)
+        return self._frame
+
+
+def read(sock: socket.socket, max_body: int = MAX_FRAME_BYTES) -> tuple[int, int, bytes, memoryview]:
+    """One frame from a blocking socket: (kind, value, meta, body). Raises EOFError at a clean end between
+    frames. (A connection that carries several frames keeps one FrameReader: it may read ahead.)"""
+    return FrameReader(max_body).read(sock)
+
+
+class FrameWriter:
+    """One frame to a non-blocking socket, as much as it takes at a time: `write` says whether all is sent."""
+
+    def __init__(self, parts: list):
+        if len(parts) > 2:  # header and meta in one piece: one small write fewer
+            parts = [b"".join(bytes(p) for p in parts[:2]), *parts[2:]]
+        self._views = [memoryview(p).cast("B") for p in parts if len(p)]
+
+    def write(self, sock: socket.socket) -> bool:
+        tls = isinstance(sock, ssl.SSLSocket)  # no sendmsg over TLS
+        while self._views:
+            try:
+                sent = sock.send(self._views[0]) if tls else sock.sendmsg(self._views)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            while sent and self._views:
+                if sent >= self._views[0].nbytes:
+                    sent -= self._views[0].nbytes
+                    self._views.pop(0)
+                else:
+                    self._views[0] = self._views[0][sent:]
+                    sent = 0
+        return True

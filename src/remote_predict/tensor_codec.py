@@ -85,7 +85,8 @@ def shape_of(proto: tensor_pb2.TensorProto, max_elements: int = DEFAULT_MAX_ELEM
     dims = tuple(d.size for d in shape.dim)
     if any(d < 0 for d in dims):
         raise invalid_argument(f"tensor shape must not have negative dimensions, got {list(dims)}")
-    if math.prod(dims) > max_elements or any(d > max_elements for d in dims):  # (0, 2**62) is empty, not small
+    # Zero dimensions do not make the others harmless: numpy refuses to allocate (0, 2**31, 2**31) too.
+    if math.prod(d for d in dims if d) > max_elements:
         raise invalid_argument(
             f"tensor of shape {list(dims)} has {math.prod(dims)} elements, more than the limit of "
             f"{max_elements}"

@@ -11,21 +11,25 @@ The rules, and why:
   which is only slow and is left to hedging. `stall_after` follows the target's own latency: eight
   times its recent p99, at least 50 ms, at most a quarter of the call's deadline. A healthy answer is
   very rarely 8x the p99; a missed detection costs a request its deadline, a false one a single re-sent
-  call and a probe.
-* **Ejection.** An endpoint that stopped answering, refused or dropped a connection, sent garbage, or
-  answered UNAVAILABLE (it is draining or overloaded) is ejected: no new call is sent to it, and calls
-  waiting on it are re-sent to another endpoint (Predict has no side effects). As Envoy's outlier
+  call and a probe. That holds while another endpoint is up: for the last one standing (or the only
+  one) a false detection would fail every call at once, and with nowhere else to send a call there is
+  nothing to gain by guessing early, so it is given a quarter of the deadline (a large request to the
+  one healthy replica left, which answers nothing else meanwhile, must not look like a hang).
+* **Ejection.** An endpoint that stopped answering, refused or dropped a connection, did not finish
+  accepting one (TCP and TLS) within `stall_after` (at most a second), sent garbage, or answered
+  UNAVAILABLE (it is draining or overloaded) is ejected: no new call is sent to it, and calls waiting
+  on it are re-sent to another endpoint (Predict has no side effects). As Envoy's outlier
   detection, ejection is by observed behaviour; unlike it, a hang is found by the stall rule above,
   within `stall_after`, not after the calls' timeouts.
-* **Rejoining.** An ejected endpoint is probed (a health frame) every `PROBE_SECONDS`; the first answer
-  brings it back. A restarted or healed replica takes traffic again within about `PROBE_SECONDS` plus a
-  connection.
+* **Rejoining.** Every ejected endpoint is probed (a health frame on a new connection, all at once, each
+  given `PROBE_TIMEOUT_SECONDS`) every `PROBE_SECONDS`; the first SERVING answer brings it back. A
+  restarted or healed replica takes traffic again within about `PROBE_SECONDS + PROBE_TIMEOUT_SECONDS`,
+  however many other endpoints are silent.
 * **Nowhere else to go.** When every endpoint of a target is ejected, new calls fail at once with
   UNAVAILABLE (naming each endpoint and why), and calls already waiting give up once they have waited a
   quarter of their deadline, except the one that has waited longest, which waits out its deadline (it
   may yet be answered), so a dead target cannot hold the server's threads. A single-address target
-  thus behaves as before: fail fast while stalled, probe, recover; its `stall_after` is a quarter of the
-  deadline, as before, since with nowhere else to send a call there is nothing to gain by guessing early.
+  thus behaves as before: fail fast while stalled, probe, recover, after a quarter of the deadline.
 * **Choosing.** Among endpoints that are up, the one with the fewest calls in flight, ties in turn
   (round robin when all answer alike; a slow replica gets less).
 """
@@ -41,6 +45,10 @@ STALL_FLOOR_SECONDS = 0.05
 STALL_P99_MULTIPLE = 8.0
 STALL_DEADLINE_FRACTION = 0.25
 PROBE_SECONDS = 0.1
+PROBE_TIMEOUT_SECONDS = 0.25
+
+# What listeners hear about an endpoint: (target, endpoint, event, reason).
+ADDED, UP, EJECTED, GONE = "added", "up", "ejected", "gone"  # first resolved / back / out / no longer resolved
 _WINDOW = 256  # answered calls whose latency sets a target's p99
 _RECOMPUTE = 32  # recompute the p99 every this many answers
 
@@ -91,8 +99,11 @@ class Latency:
             self.p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def stall_after(p99: float | None, deadline_seconds: float) -> float:
-    """How long a call may wait before its endpoint counts as stopped answering."""
+def stall_after(p99: float | None, deadline_seconds: float, alternatives: bool = True) -> float:
+    """How long a call may wait before its endpoint counts as stopped answering; `alternatives`: another
+    endpoint of the target is up."""
+    if not alternatives:
+        return deadline_seconds * STALL_DEADLINE_FRACTION
     base = STALL_FLOOR_SECONDS if p99 is None else max(STALL_FLOOR_SECONDS, STALL_P99_MULTIPLE * p99)
     return min(base, deadline_seconds * STALL_DEADLINE_FRACTION)
 
@@ -121,7 +132,7 @@ class EndpointSet:
         self.endpoints = [Endpoint(a) for a in addresses]
         self.latency = Latency()
         self._turn = 0
-        self.listeners: list = []  # f(target, endpoint, up: bool, reason: str)
+        self.listeners: list = []  # f(target, endpoint, event, reason): event ADDED, UP, EJECTED or GONE
 
     def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint | None:
         with self.lock:
@@ -148,8 +159,7 @@ class EndpointSet:
             endpoint.up, endpoint.reason = False, reason
             endpoint.ejected_at = time.monotonic() if now is None else now
             endpoint.ejections += 1
-        for listener in self.listeners:
-            listener(self.target, endpoint.address, False, reason)
+        self._tell(endpoint, EJECTED, reason)
         return True
 
     def rejoin(self, endpoint: Endpoint) -> bool:
@@ -157,8 +167,7 @@ class EndpointSet:
             if endpoint.up:
                 return False
             endpoint.up, endpoint.reason = True, ""
-        for listener in self.listeners:
-            listener(self.target, endpoint.address, True, "")
+        self._tell(endpoint, UP, "")
         return True
 
     def replace(self, addresses: Sequence[str]) -> list[Endpoint]:
@@ -167,7 +176,22 @@ class EndpointSet:
             known = {e.address: e for e in self.endpoints}
             self.endpoints = [known.get(a) or Endpoint(a) for a in addresses]
             kept = set(addresses)
-            return [e for a, e in known.items() if a not in kept]
+            added = [e for e in self.endpoints if e.address not in known]
+            dropped = [e for a, e in known.items() if a not in kept]
+        for endpoint in added:
+            self._tell(endpoint, ADDED, "")
+        for endpoint in dropped:
+            self._tell(endpoint, GONE, "no longer resolved")
+        return dropped
+
+    def others_up(self, endpoint: Endpoint) -> bool:
+        """Whether a call could go elsewhere than `endpoint`."""
+        with self.lock:
+            return any(e.up and e is not endpoint for e in self.endpoints)
+
+    def _tell(self, endpoint: Endpoint, event: str, reason: str) -> None:
+        for listener in self.listeners:
+            listener(self.target, endpoint.address, event, reason)
 
     def ejected(self) -> list[Endpoint]:
         with self.lock:

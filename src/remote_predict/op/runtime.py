@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from remote_predict.errors import Code, ServingError
-from remote_predict.op import targets
+from remote_predict.op import endpoints, targets
 from remote_predict.op.breaker import CircuitBreaker
 from remote_predict.op.failure_log import FailureLog
 from remote_predict.op.row_cache import RowCaches
@@ -62,7 +62,8 @@ class CallRecord:
 class Observers:
     calls: list[Callable[[CallRecord], None]] = field(default_factory=list)
     inflight: list[Callable[[str, int], None]] = field(default_factory=list)  # (target, +1 / -1)
-    endpoints: list[Callable[[str, str, bool, str], None]] = field(default_factory=list)  # target, endpoint, up, why
+    # (target, endpoint, event, why): event is endpoints.ADDED, UP, EJECTED or GONE
+    endpoints: list[Callable[[str, str, str, str], None]] = field(default_factory=list)
     events: list[Callable[[str, str], None]] = field(default_factory=list)  # (target, "resend" | "hedge")
 
 
@@ -131,13 +132,16 @@ class OpRuntime:
         for observer in self.observers.inflight:
             observer(target, delta)
 
-    def endpoint_changed(self, target: str, endpoint: str, up: bool, reason: str) -> None:
-        if up:
+    def endpoint_changed(self, target: str, endpoint: str, event: str, reason: str) -> None:
+        if event == endpoints.EJECTED:
+            log.warning("RemotePredict target %s: %s %s; taken out of rotation", target, endpoint, reason)
+        elif event == endpoints.UP:
             log.info("RemotePredict target %s: %s answers again", target, endpoint)
         else:
-            log.warning("RemotePredict target %s: %s %s; taken out of rotation", target, endpoint, reason)
+            log.info("RemotePredict target %s: %s %s", target, endpoint,
+                     "resolved" if event == endpoints.ADDED else reason)
         for observer in self.observers.endpoints:
-            observer(target, endpoint, up, reason)
+            observer(target, endpoint, event, reason)
 
     def event(self, target: str, kind: str) -> None:
         for observer in self.observers.events:

@@ -8,6 +8,7 @@ exemplars, the trace ids of sampled requests, that the stage histogram records w
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter as Tally
 
@@ -16,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from remote_predict.errors import Code, ServingError
+from remote_predict.op import endpoints
 from remote_predict.op.runtime import CallRecord, OpRuntime
 from remote_predict.serving.manager import State
 
@@ -109,9 +111,13 @@ class ServerMetrics:
     def on_remote_inflight(self, target: str, delta: int) -> None:
         self.op_inflight.labels(target).inc(delta)
 
-    def on_endpoint(self, target: str, endpoint: str, up: bool, reason: str) -> None:
-        self.endpoint_up.labels(target, endpoint).set(1 if up else 0)
-        if not up:
+    def on_endpoint(self, target: str, endpoint: str, event: str, reason: str) -> None:
+        if event == endpoints.GONE:  # no longer resolved: not a replica of the target any more
+            with contextlib.suppress(KeyError):
+                self.endpoint_up.remove(target, endpoint)
+            return
+        self.endpoint_up.labels(target, endpoint).set(0 if event == endpoints.EJECTED else 1)
+        if event == endpoints.EJECTED:
             self.ejections.labels(target, endpoint).inc()
 
     def on_call_event(self, target: str, kind: str) -> None:

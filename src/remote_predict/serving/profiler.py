@@ -15,11 +15,10 @@ continuous-profiling methods are UNIMPLEMENTED, and so is a Profile whose option
 filters other than TensorFlow's defaults (TensorFlow 2.21's Python session cannot take them).
 
 The protos: TensorFlow's pip package has no Python module for profiler_service.proto (only for its
-dependencies), so we build the message classes from the descriptor compiled into TensorFlow's own library,
-the one its C++ server uses; nothing is re-declared here (pinned to TF 2.21, checked by
-tests/test_profiler.py::test_tf_internals_the_profiler_relies_on_are_there).
+dependencies), so profiler_protos.py declares the messages we parse and answer from their public field names
+and numbers.
 
-What it costs when unused: one entry in gRPC's table of services; the protos load on the first call. A trace
+What it costs when unused: one entry in gRPC's table of services and four small message classes. A trace
 runs on the gRPC thread that answers it, and no socket opens before, during or after one.
 """
 
@@ -27,8 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import functools
 import os
 import tempfile
 import threading
@@ -38,11 +35,12 @@ from pathlib import Path
 
 import grpc
 import tensorflow as tf
-from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
+from google.protobuf import message
 from tensorflow.python.profiler.internal import _pywrap_profiler
-from tensorflow.tsl.profiler.protobuf import profiler_options_pb2, xplane_pb2
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from remote_predict.protocol import PROFILER_SERVICE
+from remote_predict.serving.profiler_protos import ProfileRequest, ProfileResponse, TerminateRequest, TerminateResponse
 
 # What TensorFlow 2.21's in-process session traces with (ProfilerSession::DefaultOptions; the Python session
 # takes no other levels), as ProfileOptions fields. A request asking for other values is refused.
@@ -51,55 +49,6 @@ SESSION_OPTIONS = {"include_dataset_ops": True, "host_tracer_level": 2, "device_
 ANOTHER_SESSION = "Another profiling session active."  # TensorFlow's words for its profiler lock's contention
 _CONTINUOUS = ("StartContinuousProfiling", "StopContinuousProfiling", "GetSnapshot")
 _MAX_REMEMBERED_STOPS = 1024  # Terminates for sessions not running yet, kept for the Profile they may precede
-
-
-# ---- the protos, from TensorFlow's library ----
-
-class _DescriptorTable(ctypes.Structure):
-    """The head of protobuf's `DescriptorTable` (google/protobuf/generated_message_reflection.h as shipped in
-    TensorFlow's include/): where the serialized FileDescriptorProto of a compiled .proto file lives."""
-
-    _fields_ = [("is_initialized", ctypes.c_bool), ("is_eager", ctypes.c_bool), ("size", ctypes.c_int),
-                ("descriptor", ctypes.c_void_p), ("filename", ctypes.c_char_p)]
-
-
-def _compiled_file(library: ctypes.CDLL, name: str) -> descriptor_pb2.FileDescriptorProto:
-    """The FileDescriptorProto of `name` (a .proto path) as compiled into `library`."""
-    symbol = "descriptor_table_" + name.replace("_", "_5f").replace("/", "_2f").replace(".", "_2e")
-    table = _DescriptorTable.in_dll(library, symbol)
-    if table.filename != name.encode():
-        raise RuntimeError(f"{symbol} in TensorFlow's library does not describe {name}")
-    proto = descriptor_pb2.FileDescriptorProto.FromString(ctypes.string_at(table.descriptor, table.size))
-    if proto.name != name:
-        raise RuntimeError(f"{symbol} in TensorFlow's library holds {proto.name!r}, not {name}")
-    return proto
-
-
-def _add_with_dependencies(pool: descriptor_pool.DescriptorPool, file: object) -> None:
-    for dependency in file.dependencies:
-        _add_with_dependencies(pool, dependency)
-    try:
-        pool.FindFileByName(file.name)
-    except KeyError:
-        proto = descriptor_pb2.FileDescriptorProto()
-        file.CopyToProto(proto)
-        pool.Add(proto)
-
-
-@functools.cache
-def profiler_messages() -> dict[str, type[message.Message]]:
-    """tensorflow.ProfilerService's request and response classes, by message name, in a pool of their own."""
-    library = ctypes.CDLL(os.path.join(tf.sysconfig.get_lib(), "libtensorflow_cc.so.2"),
-                          mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the copy TensorFlow loaded, never a second one
-    pool = descriptor_pool.DescriptorPool()
-    _add_with_dependencies(pool, profiler_options_pb2.DESCRIPTOR)
-    _add_with_dependencies(pool, xplane_pb2.DESCRIPTOR)
-    for name in ("tsl/profiler/protobuf/profiler_service_monitor_result.proto",
-                 "tsl/profiler/protobuf/profiler_service.proto"):
-        pool.Add(_compiled_file(library, name))
-    service = pool.FindServiceByName(PROFILER_SERVICE)
-    types = {t for method in service.methods for t in (method.input_type, method.output_type)}
-    return {t.name: message_factory.GetMessageClass(t) for t in types}
 
 
 # ---- decisions ----
@@ -179,7 +128,7 @@ class ProfilerService:
             space = self._trace(duration_s=trace_duration_ms(request) / 1000, stop=stop)
         if not context.is_active():
             raise _Refused(grpc.StatusCode.CANCELLED, "Cancelled")
-        response = profiler_messages()["ProfileResponse"](empty_trace=is_empty(xplane_pb2.XSpace.FromString(space)))
+        response = ProfileResponse(empty_trace=is_empty(xplane_pb2.XSpace.FromString(space)))
         if request.emit_xspace:
             response.xspace.MergeFromString(space)
             return response
@@ -202,7 +151,7 @@ class ProfilerService:
                 self._stopped[request.session_id] = None
                 while len(self._stopped) > _MAX_REMEMBERED_STOPS:
                     self._stopped.popitem(last=False)
-        return profiler_messages()["TerminateResponse"]()
+        return TerminateResponse()
 
     @staticmethod
     def _trace(duration_s: float, stop: threading.Event) -> bytes:
@@ -243,19 +192,17 @@ class ProfilerService:
                     del self._running[session_id]
 
 
-def _method(serve: Callable[[message.Message, grpc.ServicerContext], message.Message], request_type: str):
+def _method(serve: Callable[[message.Message, grpc.ServicerContext], message.Message],
+            request_type: type[message.Message]):
     """A unary method on bytes: we parse the request ourselves (a bad one is INVALID_ARGUMENT, with why) and
     turn a refusal into its status."""
+    name = request_type.DESCRIPTOR.name
 
     def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            messages = profiler_messages()
-        except (OSError, AttributeError, ValueError, RuntimeError) as e:
-            context.abort(grpc.StatusCode.INTERNAL, f"TensorFlow's ProfilerService protos could not be loaded: {e}")
-        try:
-            request = messages[request_type].FromString(raw)
+            request = request_type.FromString(raw)
         except message.DecodeError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request_type} could not be parsed: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} could not be parsed: {e}")
         try:
             return serve(request, context).SerializeToString()
         except _Refused as e:
@@ -277,8 +224,8 @@ def profiler_handler() -> grpc.GenericRpcHandler:
     continuous = _refuse(grpc.StatusCode.UNIMPLEMENTED,
                          "continuous profiling is not served by remote-predict; Profile traces for a duration")
     return grpc.method_handlers_generic_handler(PROFILER_SERVICE, {
-        "Profile": _method(service.profile, "ProfileRequest"),
-        "Terminate": _method(service.terminate, "TerminateRequest"),
+        "Profile": _method(service.profile, ProfileRequest),
+        "Terminate": _method(service.terminate, TerminateRequest),
         "Monitor": _refuse(grpc.StatusCode.UNIMPLEMENTED, "unimplemented."),  # as TensorFlow's server answers
         **{name: continuous for name in _CONTINUOUS},
     })

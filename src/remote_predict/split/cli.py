@@ -113,14 +113,28 @@ def _wait_for_versions(shards: dict[str, str], tables: Sequence[str], version: i
             print(f"  {model} version {version} answers at {replica}", file=sys.stderr)
 
 
+def _refuse_taken(out: locations.Output, version: int, pieces: Sequence[tuple[str, ...]],
+                  masters: Sequence[tuple[str, ...]]) -> None:
+    """Stop before any work if a version directory this run writes is there already (`masters`: the
+    master's or head's, which a run stopped while waiting for its shards, or failed after them, lacks)."""
+    existing = out.taken(version, list(pieces))
+    if existing:
+        hint = bool(masters) and not out.taken(version, list(masters)) and len(existing) + len(masters) == len(pieces)
+        raise SystemExit(f"remote-predict split: {out.refusal(existing, version, only_master=hint)}")
+
+
 def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.Server]:
-    tables = _choose_tables(source, args.tables, args.threshold_mib)
     if args.kubernetes:
         targets = [kubernetes.target(name, f"shard_{k}", args.namespace) for k in range(args.shards)]
     else:
         targets = _parse_addresses(args.shard_addresses, args.shards, args.shard_base_port, args.shard_protocol)
     out: locations.Output = args.output
     shard_names = tuple(f"{name}_shard_{k}" for k in range(args.shards))
+    shard_pieces = [("shards", shard_name) for shard_name in shard_names] if args.only != "master" else []
+    master = [("master",)] if args.only != "shards" else []
+    unsplit = [("unsplit",)] if args.export_unsplit else []
+    _refuse_taken(out, args.version, [*shard_pieces, *master, *unsplit], master)
+    tables = _choose_tables(source, args.tables, args.threshold_mib)
     plans = []
     for table_name, table in tables.items():
         rows, dim = table.shape
@@ -135,20 +149,22 @@ def _split_tables(args, source: sources.ModelSource, name: str) -> list[deploy.S
             label = f"table {plan.layer} ({plan.rows} x {plan.dim}) shard {k + 1}/{args.shards}"
             parts.append(writers.ShardTable(plan.layer, partition.shard_rows(k), plan.dim, table.dtype,
                                             writers.shard_chunks(table, partition, k, writers.Progress(label))))
-        if args.only in ("all", "shards"):
+        if shard_pieces:
             writers.write_shard(out.version_dir(args.version, "shards", shard_names[k]), parts)
             out.publish(args.version, "shards", shard_names[k])
-    if args.only in ("all", "master") and args.wait_for_shards:
+    if master and args.wait_for_shards:
+        out.commit()  # the shard servers must see them to load them
         _wait_for_versions(dict(zip(shard_names, targets, strict=True)), list(tables), args.version,
                            args.wait_timeout)
-    if args.only in ("all", "master"):
+    if master:
         print(f"  master {name} version {args.version}", file=sys.stderr)
         source.write_master(out.version_dir(args.version, "master"), plans, args.version, args.deadline_ms)
         out.publish(args.version, "master")
-    if args.export_unsplit:
+    if unsplit:
         print(f"  unsplit {name} version {args.version} (for comparisons)", file=sys.stderr)
         source.write_unsplit(out.version_dir(args.version, "unsplit"))
         out.publish(args.version, "unsplit")
+    out.commit()
     servers = [deploy.Server("master", {name: out.base_path("master")}, [args.master_port],
                              rest_port=args.master_rest_port, held_bytes=out.written("master"))]
     for k in range(args.shards):
@@ -198,19 +214,22 @@ def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
     base_name = args.base_name or f"{name}_base"
     if args.kubernetes:
         args.base_address = kubernetes.target(name, "base", args.namespace)
+    base_piece = [("base",)] if args.only != "master" else []
+    head_piece = [("head",)] if args.only != "shards" else []
+    _refuse_taken(out, args.version, [*base_piece, *head_piece], head_piece)
     base, head, needed = models.cut_models(archive, args.cut)
     base_inputs = [tensor.name for tensor in base.inputs]  # the names its exported signature takes
-    if args.only in ("all", "shards"):
+    if base_piece:
         print(f"  base {base_name} version {args.version}: inputs {base_inputs} -> {args.cut}", file=sys.stderr)
         writers.write_keras(out.version_dir(args.version, "base"), base)
         out.publish(args.version, "base")
-    if args.only in ("all", "master"):
-        path = out.version_dir(args.version, "head")
-        inputs = _write_consumer(path, head, archive, base_inputs, needed, args.base_address, base_name,
-                                 args.version, args.deadline_ms)
+    if head_piece:
+        inputs = _write_consumer(out.version_dir(args.version, "head"), head, archive, base_inputs, needed,
+                                 args.base_address, base_name, args.version, args.deadline_ms)
         out.publish(args.version, "head")
         print(f"  head {name} version {args.version}: inputs {inputs}, calls {base_name} at {args.base_address}",
               file=sys.stderr)
+    out.commit()
     ports, others = deploy.local_ports(args.base_address)
     head_server = deploy.Server("head", {name: out.base_path("head")}, [args.master_port],
                                 rest_port=args.master_rest_port, held_bytes=out.written("head"))
@@ -220,7 +239,8 @@ def _split_cut(args, archive: KerasArchive, name: str) -> list[deploy.Server]:
     return [head_server, base_server]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], started: float | None = None) -> int:
+    """Run a split; `started` (on the monotonic clock) is when the command began, for its "done in"."""
     parser = argparse.ArgumentParser(prog="remote-predict split", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .keras file, or a SavedModel directory (or a base path of versions) "
@@ -279,7 +299,7 @@ def main(argv: list[str]) -> int:
         if kubernetes.dns_label(args.namespace) != args.namespace:
             parser.error(f"--namespace={args.namespace} is not a Kubernetes namespace name (lowercase letters, digits "
                          "and '-', at most 63)")
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     try:
         args.output = locations.Output(args.output_dir, args.deploy_dir)
     except ServingError as e:
@@ -302,6 +322,8 @@ def main(argv: list[str]) -> int:
             raise SystemExit("--cut needs the model's layers: give the .keras file (a SavedModel export has no "
                              "layer config)")
         servers = _split_cut(args, source.archive, name) if args.cut else _split_tables(args, source, name)
+    except OSError as e:  # e.g. no space left, or a file where a directory of OUTPUT goes: nothing was left
+        raise SystemExit(f"remote-predict split: {e}") from None
     finally:
         source.close()
         args.output.close()

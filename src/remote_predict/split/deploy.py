@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from remote_predict.op import addresses
 
 GRPC_PORT_OFFSET = 1000  # a shard reached over tcp on port P serves gRPC on P + 1000 (launch.sh, Procfile)
+HEALTH_WAIT_SECONDS = 900  # launch.sh says when every server answers, or after this long which do not
+# On Ctrl-C or SIGTERM, launch.sh gives its servers their drain time (--drain_timeout_seconds, 30 s by
+# default) and a margin, then kills whichever still runs and names it: stopping must never hang.
+STOP_WAIT_SECONDS = 45
 
 
 @dataclass
@@ -102,7 +106,7 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
     """Write config/<server>.config, and launch.sh and Procfile unless `scripts` is False; returns the files."""
     config_dir = os.path.join(output_dir, "config")
     os.makedirs(config_dir, exist_ok=True)
-    written, launch, procfile = [], [], []
+    written, launch, procfile, checks = [], [], [], []
     for server in servers:
         path = os.path.join(config_dir, f"{server.name}.config")
         with open(path, "w", encoding="utf-8") as f:
@@ -113,6 +117,9 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
             command = _command(server, index, os.path.abspath(path))
             launch.append(f'echo "starting {label} on 127.0.0.1:{port}"\n{command} &\npids+=($!)')
             procfile.append(f"{label}: {command}")
+            # What the callers use: a shard's tcp port (its HEALTH frame), otherwise the gRPC health service.
+            health = f"tcp://127.0.0.1:{server.tcp_ports[index]}" if server.tcp_ports else f"grpc://127.0.0.1:{port}"
+            checks.append(f"{label}={health}")
         for host in server.remote_hosts:
             launch.append(f"# {server.name} on {host}: run there with --model_config_file={os.path.abspath(path)}")
     if not scripts:  # the servers run elsewhere (Kubernetes): a script for this machine would mislead
@@ -122,8 +129,26 @@ def write(output_dir: str, servers: Sequence[Server], scripts: bool = True) -> l
         f.write("#!/usr/bin/env bash\n"
                 "# Starts every server of this split on this machine (loopback only); Ctrl-C stops them all.\n"
                 "# Set REMOTE_PREDICT to the remote-predict command if it is not on PATH.\n"
-                "set -u\npids=()\ntrap 'kill \"${pids[@]}\" 2>/dev/null; wait' EXIT INT TERM\n"
-                + "\n".join(launch) + "\nwait\n")
+                "set -u\npids=()\n"
+                "stop_all() {\n"
+                "  trap - INT TERM\n"
+                "  kill \"${pids[@]}\" 2>/dev/null\n"
+                f"  local give_up=$((SECONDS + {STOP_WAIT_SECONDS}))\n"
+                "  while [ -n \"$(jobs -pr)\" ] && [ \"$SECONDS\" -lt \"$give_up\" ]; do sleep 0.2; done\n"
+                "  local left\n  left=$(jobs -pr)\n"
+                "  if [ -n \"$left\" ]; then\n"
+                f"    echo \"launch.sh: still running {STOP_WAIT_SECONDS}s after SIGTERM, killed:\" $left >&2\n"
+                "    ps -o pid=,args= -p \"$(echo $left | tr ' ' ,)\" >&2\n"
+                "    kill -KILL $left 2>/dev/null\n"
+                "  fi\n"
+                "  wait\n"
+                "  exit 0\n"
+                "}\n"
+                "trap stop_all INT TERM\n"
+                "trap 'kill \"${pids[@]}\" 2>/dev/null' EXIT\n"
+                + "\n".join(launch)
+                + f"\n${{REMOTE_PREDICT:-remote-predict}} health --wait={HEALTH_WAIT_SECONDS} {' '.join(checks)} &"
+                  "\npids+=($!)\nwait\n")
     os.chmod(script, 0o755)
     procfile_path = os.path.join(output_dir, "Procfile")
     with open(procfile_path, "w", encoding="utf-8") as f:

@@ -27,8 +27,24 @@ WEIGHTS = "model.weights.h5"
 
 
 def to_snake_case(name: str) -> str:
+    """A class name as Keras names its weights group: `Dense` -> `dense`, `LayerNormalization` ->
+    `layer_normalization`, `Conv2D` -> `conv2d` (a digit before a capital is not a word break)."""
+    name = re.sub(r"\W+", "", name)
     name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def weights_paths(class_names: list[str]) -> list[str]:
+    """The HDF5 group of each layer of a model whose layers have these classes, in order: `layers/<snake
+    case class>`, then `_1`, `_2`, ... for the next layers of the same class, as Keras saves them."""
+    counts: dict[str, int] = {}
+    paths = []
+    for class_name in class_names:
+        base = to_snake_case(class_name)
+        index = counts.get(base, 0)
+        counts[base] = index + 1
+        paths.append(f"layers/{base}" if index == 0 else f"layers/{base}_{index}")
+    return paths
 
 
 @dataclass
@@ -63,16 +79,10 @@ class KerasArchive:
         self.layers = self._layer_entries()
 
     def _layer_entries(self) -> list[LayerEntry]:
-        counts: dict[str, int] = {}
-        entries = []
-        for layer in self.config["config"]["layers"]:
-            base = to_snake_case(layer["class_name"])
-            index = counts.get(base, 0)
-            counts[base] = index + 1
-            name = layer.get("name") or layer["config"]["name"]
-            path = f"layers/{base}" if index == 0 else f"layers/{base}_{index}"
-            entries.append(LayerEntry(name, layer["class_name"], layer["config"], path))
-        return entries
+        layers = self.config["config"]["layers"]
+        paths = weights_paths([layer["class_name"] for layer in layers])
+        return [LayerEntry(layer.get("name") or layer["config"]["name"], layer["class_name"], layer["config"], path)
+                for layer, path in zip(layers, paths, strict=True)]
 
     def layer(self, name: str) -> LayerEntry:
         for entry in self.layers:
@@ -84,14 +94,6 @@ class KerasArchive:
         """A layer's own variables, keyed "0", "1", ... as Keras' `load_own_variables` expects."""
         group = self.h5.get(f"{entry.weights_path}/vars")
         return {} if group is None else {key: group[key] for key in group}
-
-    def has_nested_variables(self, entry: LayerEntry) -> bool:
-        group = self.h5.get(entry.weights_path)
-        found = []
-        if group is not None:
-            group.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset)
-                             and not name.startswith("vars/") else None)
-        return bool(found)
 
     def table(self, entry: LayerEntry) -> h5py.Dataset:
         return self.own_variables(entry)["0"]

@@ -10,14 +10,16 @@ becomes the sharded lookup, so both kinds of input end in the same master.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import h5py
 import keras
-import numpy as np
 import tensorflow as tf
 
-from remote_predict.split.keras_archive import KerasArchive
+from remote_predict.split.keras_archive import KerasArchive, weights_paths
 
 
 @dataclass(frozen=True)
@@ -67,22 +69,25 @@ def _build(config: dict) -> keras.Model:
 
 
 def _load_weights(model: keras.Model, archive: KerasArchive, skip: Iterable[str]) -> None:
+    """Load the weights of every layer of `model` but those named in `skip` (never read: a table may be
+    larger than memory) from the archive, nested ones included (an LSTM keeps its weights in its cell).
+
+    Keras' loader reads each layer from the group its class and position name (`layers/dense_1`); the
+    model built here has the original's layers by name, but not always of the same class (a TableStub)
+    nor all of them (a base or head). So it is given a weights file holding a copy of each loaded
+    layer's group (HDF5 copies them within the files, a chunk at a time; Keras refuses links), named as
+    this model names them: Keras' own loader then reads and checks every variable, nested or not.
+    """
     skip = set(skip)
-    for layer in model.layers:
-        if layer.name in skip or not layer.weights:
-            continue
-        entry = archive.layer(layer.name)
-        if archive.has_nested_variables(entry):
-            raise ValueError(
-                f"layer {layer.name!r} ({entry.class_name}) keeps its weights in nested layers, "
-                "which split does not read yet"
-            )
-        stored = archive.own_variables(entry)
-        if len(stored) != len(layer.weights):
-            raise ValueError(
-                f"layer {layer.name!r}: the archive holds {len(stored)} variables, the layer {len(layer.weights)}"
-            )
-        layer.load_own_variables({key: np.asarray(value) for key, value in stored.items()})
+    skipped = [layer for layer in model.layers if layer.name in skip]
+    paths = weights_paths([type(layer).__name__ for layer in model.layers])
+    with tempfile.TemporaryDirectory(prefix="remote-predict-weights-") as scratch:
+        links = os.path.join(scratch, "links.weights.h5")
+        with h5py.File(links, "w") as f:
+            for layer, path in zip(model.layers, paths, strict=True):
+                if layer.weights and layer.name not in skip:
+                    archive.h5.copy(archive.h5[archive.layer(layer.name).weights_path], f, name=path)
+        keras.saving.load_weights(model, links, objects_to_skip=skipped)
 
 
 def master_model(archive: KerasArchive, tables: Sequence[TablePlan]) -> keras.Model:

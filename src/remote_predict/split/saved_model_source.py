@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from tensorflow.core.framework import function_pb2, node_def_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2, trackable_object_graph_pb2
 
 from remote_predict.checkpoint_bundle import Bundle
-from remote_predict.op.lookup import LookupConfig, TableSpec, lookup_op
+from remote_predict.op.lookup import lookup_op
+from remote_predict.split import graph_edit
 from remote_predict.split.models import TablePlan
 from remote_predict.split.writers import atomic_directory
 
@@ -48,48 +48,11 @@ class Table:
     other_uses: list[str] = field(default_factory=list)
 
 
-def find_saved_model(path: str) -> str:
-    """`path` itself, or its highest integer version directory (a TF Serving base path)."""
-    path = os.path.normpath(path)
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        return path
-    versions = [int(v) for v in os.listdir(path) if v.isdigit()] if os.path.isdir(path) else []
-    for version in sorted(versions, reverse=True):
-        candidate = os.path.join(path, str(version))
-        if os.path.exists(os.path.join(candidate, "saved_model.pb")):
-            return candidate
-    raise ValueError(f"{path} holds no saved_model.pb, nor a version directory with one")
-
-
-def _slug(name: str) -> str:
-    base = re.sub(r"(:0)$", "", name)
-    base = re.sub(r"/(embeddings|kernel|table)$", "", base)
-    return re.sub(r"[^A-Za-z0-9_]+", "_", base).strip("_") or "table"
-
-
-def _source(reference: str) -> str:
-    """The node a function-body input names ("node:out:0" -> "node", "arg" -> "arg")."""
-    return reference.lstrip("^").split(":")[0]
-
-
-def _const_int(node: node_def_pb2.NodeDef | None) -> int | None:
-    if node is None or node.op != "Const":
-        return None
-    value = tf.make_ndarray(node.attr["value"].tensor)
-    return int(value) if value.size == 1 else None
-
-
-def _batch_dims(node: node_def_pb2.NodeDef) -> int:
-    # Not `node.attr["batch_dims"]`: reading a missing key of a proto map inserts an empty value,
-    # which TensorFlow then refuses to import ("Failed to bind all placeholders").
-    return node.attr["batch_dims"].i if "batch_dims" in node.attr else 0
-
-
 class SavedModelSource:
     """An exported SavedModel, read for splitting: its tables, their rows, and a master rewrite."""
 
     def __init__(self, path: str, tags: Sequence[str] = ("serve",)):
-        self.path = find_saved_model(path)
+        self.path = graph_edit.find_saved_model(path)
         self.saved_model = saved_model_pb2.SavedModel()
         with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
             self.saved_model.ParseFromString(f.read())
@@ -100,10 +63,9 @@ class SavedModelSource:
         self.bundle = Bundle(os.path.join(self.path, "variables", "variables"))
         self.functions = {f.signature.name: f for f in self.meta_graph.graph_def.library.function}
         self.nodes = {n.name: n for n in self.meta_graph.graph_def.node}
-        self.name = os.path.basename(os.path.dirname(self.path) if os.path.basename(self.path).isdigit()
-                                     else self.path)
-        self._saver_nodes = {_source(self.meta_graph.saver_def.restore_op_name),
-                             _source(self.meta_graph.saver_def.save_tensor_name)}
+        self.name = graph_edit.model_name(self.path)
+        self._saver_nodes = {graph_edit.source(self.meta_graph.saver_def.restore_op_name),
+                             graph_edit.source(self.meta_graph.saver_def.save_tensor_name)}
         self.key_of_handle = self._restored_handles()
         self.object_graph = self._object_graph()
         self.serving_handles: set[str] = set()
@@ -112,7 +74,7 @@ class SavedModelSource:
     # -- analysis ---------------------------------------------------------------------------------
     def _restored_handles(self) -> dict[str, str]:
         """Outer VarHandleOp name -> the checkpoint key the restore function assigns to it."""
-        restore = self.nodes.get(_source(self.meta_graph.saver_def.restore_op_name))
+        restore = self.nodes.get(graph_edit.source(self.meta_graph.saver_def.restore_op_name))
         if restore is None or restore.op not in CALL_OPS:
             raise ValueError(f"{self.path}: not a TF2 SavedModel (its variables are not restored by a function); "
                              "split reads SavedModels written by model.export() or tf.saved_model.save()")
@@ -122,20 +84,21 @@ class SavedModelSource:
         keys: list[str] = []
         for node in function.node_def:
             if node.op == "RestoreV2":
-                keys = [k.decode() for k in tf.make_ndarray(body[_source(node.input[1])].attr["value"].tensor)]
+                names = body[graph_edit.source(node.input[1])].attr["value"].tensor
+                keys = [k.decode() for k in tf.make_ndarray(names)]
         handles = {}
         for node in function.node_def:
             if node.op != "AssignVariableOp" or node.input[0] not in args:
                 continue
-            value = body.get(_source(node.input[1]))
+            value = body.get(graph_edit.source(node.input[1]))
             while value is not None and value.op == "Identity":
                 source = value.input[0]
-                if _source(source) in body and body[_source(source)].op == "RestoreV2":
+                if graph_edit.source(source) in body and body[graph_edit.source(source)].op == "RestoreV2":
                     index = int(source.split(":")[-1])
                     outer = restore.input[args.index(node.input[0])]
-                    handles[_source(outer)] = keys[index]
+                    handles[graph_edit.source(outer)] = keys[index]
                     break
-                value = body.get(_source(source))
+                value = body.get(graph_edit.source(source))
         return handles
 
     def _object_graph(self) -> trackable_object_graph_pb2.TrackableObjectGraph:
@@ -156,7 +119,7 @@ class SavedModelSource:
             if entry is None or len(entry.shape.dim) != 2 or not self.bundle.dtype(key).is_floating:
                 continue
             name = names.get(key) or key
-            table = candidates.setdefault(key, Table(key, name, _slug(name)))
+            table = candidates.setdefault(key, Table(key, name, graph_edit.slug(name)))
             table.handles.add(handle)
         by_handle = {h: t for t in candidates.values() for h in t.handles}
         seen: set[tuple[str, int, str]] = set()  # a function reached from several call sites is read once
@@ -166,7 +129,7 @@ class SavedModelSource:
             if node.op not in CALL_OPS or node.name in self._saver_nodes:
                 continue
             for position, reference in enumerate(node.input):
-                handle = _source(reference)
+                handle = graph_edit.source(reference)
                 if handle in self.key_of_handle:
                     self.serving_handles.add(handle)
                 if handle in by_handle and not reference.startswith("^"):
@@ -177,7 +140,7 @@ class SavedModelSource:
         slugs = [t.slug for t in tables]
         for table in tables:
             if slugs.count(table.slug) > 1:
-                table.slug = _slug(table.key)
+                table.slug = graph_edit.slug(table.key)
         return tables
 
     def _trace(self, function_name: str, position: int, table: Table, seen: set) -> None:
@@ -198,7 +161,7 @@ class SavedModelSource:
                     if reference == arg:
                         self._traced_calls.add((function_name, node.name, index))
                         self._trace(node.attr["f"].func.name, index, table, seen)
-            elif node.op == "ResourceGather" and data[0] == arg and _batch_dims(node) == 0:
+            elif node.op == "ResourceGather" and data[0] == arg and graph_edit.batch_dims(node) == 0:
                 table.lookups.append((function_name, node.name))
             elif node.op == "ReadVariableOp":
                 self._trace_read(function, body, node, table)
@@ -239,8 +202,9 @@ class SavedModelSource:
             data = [i for i in node.input if not i.startswith("^")]
             if value not in data:
                 continue
-            is_gather = (node.op == "GatherV2" and data[0] == value and value not in data[1:]
-                         and _const_int(body.get(_source(data[2]))) == 0 and _batch_dims(node) == 0)
+            axis = graph_edit.const_int(body.get(graph_edit.source(data[2]))) if len(data) > 2 else None
+            is_gather = (node.op == "GatherV2" and data[0] == value and value not in data[1:] and axis == 0
+                         and graph_edit.batch_dims(node) == 0)
             if is_gather:
                 table.lookups.append((function.signature.name, node.name))
             else:
@@ -285,7 +249,7 @@ class SavedModelSource:
             function = library[function_name]
             nodes = {n.name: n for n in function.node_def}
             plan_of = dict(found)
-            for step in lookup_steps(function, list(plan_of)):
+            for step in graph_edit.lookup_steps(function.node_def, list(plan_of)):
                 entries = [(nodes[name], plan_of[name]) for name in step]
                 tables = {plan.layer: self.bundle.dtype(by_plan[plan.layer].key) for _, plan in entries}
                 lookup = _add_lookup(library, entries, tables, version=version, deadline_ms=deadline_ms)
@@ -334,62 +298,19 @@ def _shrink_saved_variables(meta_graph: meta_graph_pb2.MetaGraphDef, node_keys: 
             node.variable.shape.dim[0].size = 0
 
 
-def lookup_steps(function: function_pb2.FunctionDef, gathers: Sequence[str]) -> list[list[str]]:
-    """`gathers` (node names in `function`) in steps: a gather is in the step after every gather its
-    inputs depend on, so the gathers of one step can be made by one node without creating a cycle."""
-    inputs = {n.name: [_source(i) for i in n.input] for n in function.node_def}
-    wanted = set(gathers)
-    below: dict[str, set[str]] = {}  # node -> the wanted gathers among its ancestors
-
-    def ancestors(name: str) -> set[str]:
-        stack, order = [name], []
-        while stack:  # iterative depth-first, so that deep graphs do not hit the recursion limit
-            node = stack.pop()
-            if node in below or node not in inputs:
-                continue
-            missing = [i for i in inputs[node] if i in inputs and i not in below]
-            if missing:
-                stack.append(node)
-                stack.extend(missing)
-                continue
-            found: set[str] = set()
-            for i in inputs[node]:
-                if i in below:
-                    found |= below[i] | ({i} if i in wanted else set())
-            below[node] = found
-            order.append(node)
-        return below.get(name, set())
-
-    level: dict[str, int] = {}
-    for name in sorted(gathers, key=lambda g: len(ancestors(g))):
-        level[name] = 1 + max((level[g] for g in ancestors(name) if g in level), default=-1)
-    steps: dict[int, list[str]] = {}
-    for name in gathers:
-        steps.setdefault(level[name], []).append(name)
-    return [steps[k] for k in sorted(steps)]
-
-
 def _add_lookup(library: dict[str, function_pb2.FunctionDef], entries: Sequence[tuple[node_def_pb2.NodeDef, TablePlan]],
                 tables: dict[str, tf.DType], version: int, deadline_ms: int) -> str:
     """Add a function (the gathers' indices, any shapes) -> (their rows) to `library`; return its name."""
-    plans = {}
-    for _, plan in entries:
-        plans.setdefault(plan.layer, plan)
-    names = list(plans)
-    first = next(iter(plans.values()))
-    config = LookupConfig(
-        tables=tuple(TableSpec(name=name, rows=plans[name].rows, dim=plans[name].dim,
-                               dtype=tables[name].as_datatype_enum, strategy=plans[name].strategy,
-                               wrap_negative=plans[name].wrap_negative) for name in names),
-        inputs=tuple(names.index(plan.layer) for _, plan in entries),
-        targets=first.targets, models=first.shard_models, version=version, deadline_ms=deadline_ms)
+    config = graph_edit.lookup_config([plan for _, plan in entries], tables, version=version, deadline_ms=deadline_ms)
+    dims = {plan.layer: plan.dim for _, plan in entries}
+    names = list(dims)
     index_dtypes = [tf.as_dtype(node.attr["Tindices"].type) for node, _ in entries]
 
     @tf.function(autograph=False)
     def gather(*indices):
         rows = lookup_op(config, list(indices), name="lookup")
         # Reshape is free (no copy) and tells shape inference the rank and the row width.
-        return [tf.reshape(r, tf.concat([tf.shape(i, out_type=tf.int64), [plans[p.layer].dim]], 0))
+        return [tf.reshape(r, tf.concat([tf.shape(i, out_type=tf.int64), [dims[p.layer]]], 0))
                 for r, i, (_, p) in zip(rows, indices, entries, strict=True)]
 
     concrete = gather.get_concrete_function(*(tf.TensorSpec(None, d) for d in index_dtypes))

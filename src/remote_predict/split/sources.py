@@ -1,7 +1,7 @@
-"""What `remote-predict split` reads: a `.keras` file or an exported SavedModel, behind one small interface.
+"""What `remote-predict split` reads: a `.keras` file or a SavedModel (TF2 or TF1), behind one small interface.
 
-Both give the tables that may be sharded (name -> rows, readable a range at a time), write the master
-for a set of table plans, and write the unsplit model for comparisons.
+Each gives the tables that may be sharded (name -> rows, readable a range at a time), writes the master
+for a set of table plans, and writes the unsplit model for comparisons.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Protocol
 
-from remote_predict.split import models, writers
+from remote_predict.split import graph_edit, models, tf1_source, writers
 from remote_predict.split.keras_archive import KerasArchive
 from remote_predict.split.saved_model_source import SavedModelSource
 
@@ -108,7 +108,11 @@ class SavedModelTables:
         pass
 
 
-def open_source(path: str) -> KerasSource | SavedModelTables:
+def open_source(path: str) -> ModelSource:
+    """A `.keras` file, or a SavedModel directory (or base path): TF2 (functions) or TF1 (one GraphDef)."""
     if os.path.isdir(path):
-        return SavedModelTables(path)
+        found = graph_edit.find_saved_model(path)
+        if tf1_source.is_tf1(found):
+            return tf1_source.TF1Source(found)
+        return SavedModelTables(found)
     return KerasSource(path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from remote_predict.op.lookup import LOOKUP_SIGNATURE
 from remote_predict.op.partition import Partition
@@ -113,7 +113,7 @@ def write_shard(path: str, tables: Sequence[ShardTable]) -> None:
                 outputs[table.name] = tf.gather(variable, inputs[table.name], name=f"{table.name}_rows")
                 variables_.append(variable)
             saver = v1.train.Saver(variables_)
-            signature = v1.saved_model.signature_def_utils.predict_signature_def(inputs, outputs)
+            signature = predict_signature(inputs, outputs)
             meta_graph = v1.train.export_meta_graph(graph=graph, saver_def=saver.as_saver_def())
         meta_graph.meta_info_def.tags.append("serve")
         meta_graph.signature_def[LOOKUP_SIGNATURE].CopyFrom(signature)
@@ -121,6 +121,18 @@ def write_shard(path: str, tables: Sequence[ShardTable]) -> None:
         saved_model = saved_model_pb2.SavedModel(saved_model_schema_version=1, meta_graphs=[meta_graph])
         with open(os.path.join(scratch, "saved_model.pb"), "wb") as f:
             f.write(saved_model.SerializeToString())
+
+
+def predict_signature(inputs: dict[str, tf.Tensor], outputs: dict[str, tf.Tensor]) -> meta_graph_pb2.SignatureDef:
+    """A Predict SignatureDef of graph tensors, built as a proto: TF1's builder for it (`build_tensor_info`)
+    logs a deprecation warning into the splitter's progress lines."""
+    signature = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+    for infos, tensors in ((signature.inputs, inputs), (signature.outputs, outputs)):
+        for alias, tensor in tensors.items():
+            infos[alias].name = tensor.name
+            infos[alias].dtype = tensor.dtype.as_datatype_enum
+            infos[alias].tensor_shape.CopyFrom(tensor.shape.as_proto())
+    return signature
 
 
 def write_keras(path: str, model: keras.Model) -> None:
