@@ -169,8 +169,9 @@ def main() -> int:
     requests = [{"user": rng.integers(0, args.rows, (args.batch, 1)).astype(np.int32),
                  "items": rng.integers(0, ITEMS, (args.batch, ITEMS_PER_REQUEST)).astype(np.int32)}
                 for _ in range(args.requests)]
+    # The split's shard addresses name each shard server's --tcp_port (the framed transport the master calls).
     shards = {f"shard {k}": ServerProcess(f"--model_config_file={config / f'shard_{k}.config'}",
-                                          "--file_system_poll_wait_seconds=0", grpc_port=port, rest=False,
+                                          "--file_system_poll_wait_seconds=0", f"--tcp_port={port}", rest=False,
                                           wait=False) for k, port in enumerate(ports)}
     master = ServerProcess(f"--model_config_file={config / 'master.config'}", "--file_system_poll_wait_seconds=0",
                            rest=False, wait=False)

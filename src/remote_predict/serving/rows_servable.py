@@ -32,6 +32,23 @@ from remote_predict.serving.servable import Signature, signature_or_fail, tensor
 _INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "table_initializer", "saved_model_assets")
 
 
+def _read_ahead(path: str, offset: int, length: int) -> None:
+    """Ask the kernel to read a table's bytes into the page cache now, in the background.
+
+    Why: a memory-mapped row not yet in the page cache costs a disk read at its first lookup; an 8 GiB
+    table served cold answered at a p50 of 30 ms instead of a few. Read ahead, the rows are in memory
+    shortly after the load (shared by every process serving the files, and given back under memory
+    pressure, unlike a private copy). The load waits at most for the kernel to issue the reads, no longer
+    than a Session's restore would read the same bytes."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class _Gather:
     node: str  # the gather node's name, for error messages
@@ -146,9 +163,11 @@ class RowsServable:
             key = keys[variable]
             if bundle.shape(key) != shape or bundle.dtype(key).as_datatype_enum != node.attr["dtype"].type:
                 raise ValueError(f"checkpoint tensor {key!r} does not match variable {variable!r}")
+            stored_ranges = [(start, stored) for start, stored in bundle.row_ranges(key) if stored.shape[0]]
+            for _, stored in stored_ranges:
+                _read_ahead(stored.path, stored.offset, int(np.prod(stored.shape)) * np.dtype(stored.dtype).itemsize)
             ranges = [(start, np.memmap(stored.path, dtype=stored.dtype, mode="r", offset=stored.offset,
-                                        shape=stored.shape))
-                      for start, stored in bundle.row_ranges(key) if stored.shape[0]]
+                                        shape=stored.shape)) for start, stored in stored_ranges]
             if not ranges:
                 ranges = [(0, np.zeros(shape, np.dtype(bundle.dtype(key).as_numpy_dtype)))]
             self._tables[variable] = RowStore(ranges)
