@@ -10,25 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
-
-def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(command), capture_output=True, text=True, check=check)
-
-
-def problem() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if not shutil.which("ip"):
-        return "iproute2 (the ip command) is not installed"
-    name = f"rp-probe-{os.getpid()}"
-    probe = _run("ip", "netns", "add", name, check=False)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace: {probe.stderr.strip()}"
-    _run("ip", "netns", "del", name, check=False)
-    return None
+from netns import netns_problem as problem  # noqa: F401  (the one check, re-exported for test_kubernetes)
+from netns import run as _run
 
 
 class Network:

@@ -15,25 +15,10 @@ import pytest
 import models
 from helpers import HALF_PLUS_TWO, InProcessServer, ServerProcess, wait_until, write_config
 from load import SteadyLoad, counts, describe
+from netns import netns_problem as _netns_problem
+from netns import run as _run
 
 DEADLINE_MS = 1000
-
-
-def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(command), capture_output=True, text=True, check=check)
-
-
-def _netns_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if not shutil.which("ip"):
-        return "iproute2 (the ip command) is not installed"
-    name = f"rp-probe-{os.getpid()}"
-    probe = _run("ip", "netns", "add", name, check=False)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace: {probe.stderr.strip()}"
-    _run("ip", "netns", "del", name, check=False)
-    return None
 
 
 def _netem_problem(device: str) -> str | None:
