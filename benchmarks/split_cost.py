@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/split_cost.py                 # the full run (about 15 minutes on 2 CPUs)
     .venv/bin/python benchmarks/split_cost.py --quick         # a reduced run (about 3 minutes)
+    .venv/bin/python benchmarks/split_cost.py --write benchmarks/RESULTS.md   # also record the figures
 
 The model: a Keras 3 recommender, a user table of --users x --dim and an item table of --items x --dim
 (float32), inputs `user` [b, 1] and `items` [b, 10] int64, a Dense(64) tower. It is split with
@@ -25,7 +26,9 @@ Timing is never asserted: this prints.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
+import shlex
 import statistics
 import sys
 import tempfile
@@ -40,6 +43,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import ServerProcess, free_port, write_config  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, machine_description  # noqa: E402
+from results_file import write_region  # noqa: E402
 
 USERS_PER_REQUEST, ITEMS_PER_USER = 16, 10
 ZIPF_A = 1.1
@@ -274,6 +278,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=6.0, help="length of a loaded round")
     parser.add_argument("--pool", type=int, default=400, help="distinct requests, sent in turn")
+    parser.add_argument("--write", help="also write the figures and the command to this Markdown file "
+                                         "(its split_cost region; a run per cache setting keeps one region each)")
     args = parser.parse_args()
     if args.quick:
         args.users, args.items, args.rounds, args.requests, args.seconds = 100_000, 20_000, 2, 150, 3.0
@@ -282,9 +288,16 @@ def main() -> int:
     args.shards = [int(s) for s in args.shards.split(",")]
     args.cache_fractions = [float(c) for c in args.cache_fractions.split(",")]
     started = time.monotonic()
-    for line in run(args):
-        print(line)
-    print(f"\n(measured in {time.monotonic() - started:.0f} s)")
+    lines = run(args)
+    lines.append(f"\n(measured in {time.monotonic() - started:.0f} s)")
+    print("\n".join(lines))
+    if args.write:
+        command = "python benchmarks/split_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if
+                                                                  not a.startswith("--write") and a != args.write)
+        caches = ",".join(f"{c:g}" for c in args.cache_fractions)
+        write_region(args.write, f"split_cost cache={caches}",
+                     f"## A split model against the unsplit one (`benchmarks/split_cost.py`, cache {caches})\n\n"
+                     f"Measured {datetime.date.today().isoformat()}. Command: `{command}`\n\n" + "\n".join(lines))
     return 0
 
 

@@ -38,6 +38,7 @@ from otlp_receiver import OtlpReceiver  # noqa: E402
 from remote_predict.tools.bench import build_job  # noqa: E402
 from remote_predict.tools.export import export_half_plus_two, export_half_plus_two_with_rpop  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, grpc_job, machine_description  # noqa: E402
+from results_file import write_region  # noqa: E402
 
 TARGETS = {
     "hop": "hop overhead at p50 <= 1.5x the floor",
@@ -267,7 +268,7 @@ def _body(job: dict) -> bytes:
 
 
 ANALYSIS = """
-## What bounds the missed targets
+### What bounds the missed targets
 
 Profiles (py-spy, and timers around each stage) on this 2-CPU virtual machine:
 
@@ -318,8 +319,7 @@ def main() -> int:
     print(f"# machine: {machine}\n{table}")
     if args.write:
         command = "python benchmarks/suite.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        Path(args.write).write_text(
-            "# Benchmark results\n\n"
+        write_region(args.write, "suite", "## What a hop costs (`benchmarks/suite.py`)\n\n"
             f"Measured {datetime.date.today().isoformat()} on {machine}, loopback, every server a "
             f"`remote-predict serve` process on the same machine as the client.\n\n"
             f"Command: `{command}`\n\n"
