@@ -22,7 +22,38 @@ class Outcome:
     detail: str = ""
 
 
-class SteadyLoad:
+class _Load:
+    """Client threads (started here) whose outcomes are collected; `stop()` ends them, `snapshot()` reads."""
+
+    def __init__(self, address: str, timeout: float, max_seconds: float, clients: list[tuple]):
+        self.address, self.timeout = address, timeout
+        self.outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._threads = [threading.Thread(target=self._client, args=args, daemon=True) for args in clients]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, *args) -> None:
+        raise NotImplementedError
+
+    def _record(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def stop(self) -> list[Outcome]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout + 5)
+        return self.outcomes
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+
+class SteadyLoad(_Load):
     """`threads` clients per model, each sending Predict back to back until stopped (or `max_seconds`).
 
     Every answer is checked against `expected(x)`, so a wrong answer is counted as WRONG, never as OK.
@@ -30,15 +61,9 @@ class SteadyLoad:
 
     def __init__(self, address: str, models: dict[str, int], expected, timeout: float = 10.0,
                  max_seconds: float = 60.0, pause: float = 0.0):
-        self.address, self.expected, self.timeout, self.pause = address, expected, timeout, pause
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._threads = [threading.Thread(target=self._client, args=(model, i), daemon=True)
-                         for model, count in models.items() for i in range(count)]
-        for thread in self._threads:
-            thread.start()
+        self.expected, self.pause = expected, pause
+        super().__init__(address, timeout, max_seconds,
+                         [(model, i) for model, count in models.items() for i in range(count)])
 
     def _client(self, model: str, index: int) -> None:
         with grpc.insecure_channel(self.address) as channel:
@@ -58,20 +83,9 @@ class SteadyLoad:
                                       "" if good else f"x={x} y={y}")
                 except grpc.RpcError as e:
                     outcome = Outcome(model, started, time.monotonic() - started, e.code().name, e.details() or "")
-                with self._lock:
-                    self.outcomes.append(outcome)
+                self._record(outcome)
                 if self.pause:
                     time.sleep(self.pause)
-
-    def stop(self) -> list[Outcome]:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=self.timeout + 5)
-        return self.outcomes
-
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.outcomes)
 
 
 def counts(outcomes: list[Outcome], model: str | None = None, since: float = 0.0, until: float = float("inf")
@@ -87,7 +101,7 @@ def describe(outcomes: list[Outcome]) -> str:
     return "; ".join(f"{m}: {dict(c)}" for m, c in sorted(by_model.items()))
 
 
-class PacedLoad:
+class PacedLoad(_Load):
     """`clients` clients, each starting a request every `period` seconds (at once when the last one took
     longer), until stopped: a steady, bounded rate that a fault cannot turn into a retry storm.
 
@@ -97,14 +111,8 @@ class PacedLoad:
 
     def __init__(self, address: str, clients: int, period: float, make, timeout: float = 10.0,
                  max_seconds: float = 300.0):
-        self.address, self.period, self.make, self.timeout = address, period, make, timeout
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in self._threads:
-            thread.start()
+        self.period, self.make = period, make
+        super().__init__(address, timeout, max_seconds, [(i,) for i in range(clients)])
 
     def _client(self, index: int) -> None:
         with grpc.insecure_channel(self.address) as channel:
@@ -122,15 +130,4 @@ class PacedLoad:
                     outcome = Outcome(model, started, time.monotonic() - started, "WRONG" if wrong else "OK", wrong)
                 except grpc.RpcError as e:
                     outcome = Outcome(model, started, time.monotonic() - started, e.code().name, e.details() or "")
-                with self._lock:
-                    self.outcomes.append(outcome)
-
-    def stop(self) -> list[Outcome]:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=self.timeout + 5)
-        return self.outcomes
-
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.outcomes)
+                self._record(outcome)

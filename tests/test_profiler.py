@@ -1,6 +1,7 @@
 """TF Serving's ProfilerService on the gRPC port, answered in the server's process: TensorFlow's profiler client
 traces a server through the port it serves on, as TF Serving's own test does it, and no other socket opens."""
 
+import contextlib
 import functools
 import ipaddress
 import threading
@@ -22,6 +23,27 @@ from remote_predict.serving.profiler import ANOTHER_SESSION
 from remote_predict.serving.profiler_protos import ProfileRequest, ProfileResponse, TerminateRequest, TerminateResponse
 
 SERVICE = "/tensorflow.ProfilerService"
+
+
+@contextlib.contextmanager
+def predicting(server, each=None):
+    """Predict on `server` back to back while the block runs (a trace with work in it); `each(response)`
+    sees every answer."""
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            response = server.predict("default", {"x": np.array([2.0], np.float32)})
+            if each is not None:
+                each(response)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def listening(pid: int) -> set[tuple[str, int]]:
@@ -58,22 +80,15 @@ def test_trace_through_the_grpc_port_writes_a_trace_of_the_server(tmp_path):
     with ServerProcess(f"--model_base_path={HALF_PLUS_TWO}") as server:
         ours = {("127.0.0.1", server.grpc_port), ("127.0.0.1", server.rest_port)}
         assert listening(server.proc.pid) == ours
-        stop = threading.Event()
         answers: list[float] = []
         sockets: list[set[tuple[str, int]]] = []
 
-        def traffic() -> None:  # requests during the trace, as TF Serving's test sends them
-            while not stop.is_set():
-                answers.append(server.predict("default", {"x": np.array([2.0], np.float32)}).outputs["y"].float_val[0])
-                sockets.append(listening(server.proc.pid))
+        def each(response) -> None:  # requests during the trace, as TF Serving's test sends them
+            answers.append(response.outputs["y"].float_val[0])
+            sockets.append(listening(server.proc.pid))
 
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        try:
+        with predicting(server, each):
             tf.profiler.experimental.client.trace(f"grpc://127.0.0.1:{server.grpc_port}", str(logdir), 2000)
-        finally:
-            stop.set()
-            thread.join()
         # Where TensorFlow's server writes it: <logdir>/plugins/profile/<run>/<host>_<port>.xplane.pb
         traces = list(logdir.glob("plugins/profile/*/*.xplane.pb"))
         assert [t.name for t in traces] == [f"127.0.0.1_{server.grpc_port}.xplane.pb"], \
@@ -165,19 +180,8 @@ def test_the_declared_messages_round_trip_what_tensorflows_client_sends(server, 
         # An idle server's trace is empty: the client reads our empty_trace and says so.
         with pytest.raises(RuntimeError, match="No trace event was collected"):
             tf.profiler.experimental.client.trace(address, str(tmp_path / "idle"), 100, num_tracing_attempts=1)
-        stop = threading.Event()
-
-        def traffic() -> None:
-            while not stop.is_set():
-                server.predict("default", {"x": np.array([2.0], np.float32)})
-
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        try:
+        with predicting(server):
             tf.profiler.experimental.client.trace(address, str(tmp_path / "busy"), 1000, num_tracing_attempts=1)
-        finally:
-            stop.set()
-            thread.join()
     assert [method for method, _, _ in tap.calls] == [f"{SERVICE}/Profile"] * 2
     (_, _, idle_answer), (_, raw, answer) = tap.calls
     assert ProfileResponse.FromString(idle_answer).empty_trace and not ProfileResponse.FromString(answer).empty_trace
@@ -238,20 +242,9 @@ def test_a_trace_whose_client_gave_up_frees_the_profiler(server, tmp_path):
 
 
 def test_emit_xspace_answers_the_trace_in_the_response(server, tmp_path):
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            server.predict("default", {"x": np.array([2.0], np.float32)})
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    try:
+    with predicting(server):
         response = call(server, "Profile", profile_request(tmp_path, "inline", duration_ms=1000, emit_xspace=True),
                         ProfileResponse).result()
-    finally:
-        stop.set()
-        thread.join()
     assert not response.empty_trace
     assert "SessionRun" in event_names(xplane_pb2.XSpace.FromString(response.xspace.SerializeToString()))
     assert list(tmp_path.iterdir()) == []  # in the answer, not on the server's disk

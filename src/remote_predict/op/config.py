@@ -7,7 +7,6 @@ from a model file is data, never code, and anything but exactly our schema is re
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 from tensorflow.core.framework import types_pb2
@@ -52,21 +51,12 @@ class OpConfig:
             raise ValueError(f"output_types must be a list of TensorFlow dtypes, got {self.output_types!r}")
 
     def to_token(self) -> str:
-        return tokens.make(tokens.REMOTE_PREDICT, json.dumps(asdict(self), sort_keys=True, separators=(",", ":")))
+        return tokens.dump(tokens.REMOTE_PREDICT, asdict(self))
 
     @classmethod
     def from_token(cls, token: str) -> OpConfig:
         """Parse a token (bound or not); raises ValueError for anything that is not exactly our schema."""
-        kind, _, payload = tokens.split(token)
-        if kind != tokens.REMOTE_PREDICT:
-            raise ValueError("not a RemotePredict token")
-        try:
-            fields = json.loads(payload)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"malformed RemotePredict token: {e}") from None
-        expected = set(cls.__dataclass_fields__)
-        if not isinstance(fields, dict) or set(fields) != expected:
-            raise ValueError(f"malformed RemotePredict token: expected keys {sorted(expected)}")
+        fields = tokens.load(token, tokens.REMOTE_PREDICT, cls.__dataclass_fields__, "RemotePredict")
         if not isinstance(fields["output_types"], list):
             raise ValueError("malformed RemotePredict token: output_types must be a list")
         fields["output_types"] = tuple(fields["output_types"])

@@ -27,7 +27,6 @@ another request's batch shows it, and the batch shows every request it served.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,18 +83,13 @@ class LookupConfig:
             raise ValueError("deadline_ms must be positive")
 
     def to_token(self) -> str:
-        return tokens.make(tokens.LOOKUP, json.dumps(asdict(self), sort_keys=True, separators=(",", ":")))
+        return tokens.dump(tokens.LOOKUP, asdict(self))
 
     @classmethod
     def from_token(cls, token: str) -> LookupConfig:
         """Parse a token (bound or not); ValueError for anything but exactly this schema."""
-        kind, _, payload = tokens.split(token)
-        if kind != tokens.LOOKUP:
-            raise ValueError("not a lookup token")
+        fields = tokens.load(token, tokens.LOOKUP, cls.__dataclass_fields__, "lookup")
         try:
-            fields = json.loads(payload)
-            if not isinstance(fields, dict) or set(fields) != set(cls.__dataclass_fields__):
-                raise ValueError(f"expected keys {sorted(cls.__dataclass_fields__)}")
             tables = fields.pop("tables")
             if not isinstance(tables, list):
                 raise ValueError("tables must be a list")

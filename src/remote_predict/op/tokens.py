@@ -12,7 +12,9 @@ with `tf.saved_model.load`) uses the process's default runtime.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Collection
 
 REMOTE_PREDICT = "remote_predict.v1"
 LOOKUP = "remote_predict_lookup.v1"
@@ -48,3 +50,23 @@ def bind(token: str, runtime: int) -> str:
     """The same token, naming runtime `runtime` (replacing any earlier binding)."""
     kind, _, payload = split(token)
     return make(kind, payload, runtime)
+
+
+def dump(kind: str, fields: dict) -> str:
+    """An unbound token of `kind` holding `fields` as canonical JSON (sorted keys, no spaces)."""
+    return make(kind, json.dumps(fields, sort_keys=True, separators=(",", ":")))
+
+
+def load(token: str, kind: str, keys: Collection[str], what: str) -> dict:
+    """The JSON fields of a token of `kind` (bound or not) that holds exactly `keys`; ValueError naming
+    `what` ("RemotePredict", "lookup") for anything else. The values are the caller's to check."""
+    found, _, payload = split(token)
+    if found != kind:
+        raise ValueError(f"not a {what} token")
+    try:
+        fields = json.loads(payload)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed {what} token: {e}") from None
+    if not isinstance(fields, dict) or set(fields) != set(keys):
+        raise ValueError(f"malformed {what} token: expected keys {sorted(keys)}")
+    return fields

@@ -53,9 +53,10 @@ _OWN_MESSAGES = {
 }
 
 
-def _add_file(pool, name: str, package: str, syntax: str, messages: dict) -> None:
-    file = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax=syntax,
-                                              dependency=["google/protobuf/wrappers.proto"])
+def add_file(pool, name: str, package: str, syntax: str, messages: dict, dependencies: list[str]) -> None:
+    """Declare `messages` ({message: [(field, number, type, label, type_name or None)]}) as the file `name`
+    of `package` in `pool`, which must already hold the `dependencies` (file names) they refer to."""
+    file = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax=syntax, dependency=dependencies)
     for message_name, fields in messages.items():
         message = file.message_type.add(name=message_name)
         for field_name, number, kind, label, type_name in fields:
@@ -68,8 +69,11 @@ def _add_file(pool, name: str, package: str, syntax: str, messages: dict) -> Non
 def _build():
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    _add_file(pool, "remote_predict/tf_serving_extra_config.proto", _PACKAGE, "proto3", _MESSAGES)
-    _add_file(pool, "remote_predict/remote_predict_config.proto", _OWN_PACKAGE, "proto2", _OWN_MESSAGES)
+    wrappers = [wrappers_pb2.DESCRIPTOR.name]
+    add_file(pool, name="remote_predict/tf_serving_extra_config.proto", package=_PACKAGE, syntax="proto3",
+             messages=_MESSAGES, dependencies=wrappers)
+    add_file(pool, name="remote_predict/remote_predict_config.proto", package=_OWN_PACKAGE, syntax="proto2",
+             messages=_OWN_MESSAGES, dependencies=wrappers)
     found = {name: f"{_PACKAGE}.{name}" for name in _MESSAGES}
     found.update({name: f"{_OWN_PACKAGE}.{name}" for name in _OWN_MESSAGES})
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(full)) for name, full in found.items()}

@@ -18,6 +18,8 @@ from __future__ import annotations
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
 from tensorflow.tsl.profiler.protobuf import profiler_options_pb2, xplane_pb2
 
+from remote_predict.serving import config_protos
+
 _F = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "tensorflow"
 _SHIPPED = (profiler_options_pb2.DESCRIPTOR, xplane_pb2.DESCRIPTOR)  # the files our messages refer to
@@ -56,17 +58,8 @@ def _build():
     pool = descriptor_pool.DescriptorPool()
     for shipped in _SHIPPED:
         _add_with_dependencies(pool, shipped)
-    file = descriptor_pb2.FileDescriptorProto(
-        name="remote_predict/tensorflow_profiler_service.proto", package=_PACKAGE, syntax="proto3",
-        dependency=[shipped.name for shipped in _SHIPPED],
-    )
-    for name, fields in _MESSAGES.items():
-        message = file.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            field = message.field.add(name=field_name, number=number, type=kind, label=label)
-            if type_name:
-                field.type_name = type_name
-    pool.Add(file)
+    config_protos.add_file(pool, name="remote_predict/tensorflow_profiler_service.proto", package=_PACKAGE,
+                           syntax="proto3", messages=_MESSAGES, dependencies=[shipped.name for shipped in _SHIPPED])
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
             for name in _MESSAGES}
 

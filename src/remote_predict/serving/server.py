@@ -6,7 +6,6 @@ import importlib
 import logging
 import os
 import ssl
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import grpc
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
+from remote_predict import pem
 from remote_predict.errors import Code, ServingError
 from remote_predict.op.runtime import ClientTls, OpRuntime, OpSettings
 from remote_predict.op.stubs import StubError
@@ -96,12 +96,7 @@ def tcp_ssl_context(path: str) -> ssl.SSLContext:
     """The --ssl_config_file's TLS for the tcp port, as for gRPC (client_verify: mutual TLS)."""
     ssl_config = config_lib.read_text_proto(path, config_protos.SSLConfig())
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory() as scratch:  # load_cert_chain reads files only
-        cert, key = os.path.join(scratch, "cert.pem"), os.path.join(scratch, "key.pem")
-        for name, pem in ((cert, ssl_config.server_cert), (key, ssl_config.server_key)):
-            with open(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                f.write(pem)
-        context.load_cert_chain(cert, key)
+    pem.load_cert_chain(context, ssl_config.server_cert, ssl_config.server_key)
     if ssl_config.custom_ca:
         context.load_verify_locations(cadata=ssl_config.custom_ca)
     if ssl_config.client_verify:

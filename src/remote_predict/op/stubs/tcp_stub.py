@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import selectors
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tensorflow_serving.apis import model_pb2, predict_pb2
 
-from remote_predict import frames, wire
+from remote_predict import frames, pem, wire
 from remote_predict.errors import Code
 from remote_predict.op import addresses, endpoints, request_context
 from remote_predict.op.runtime import ClientTls, OpRuntime
@@ -61,12 +59,7 @@ def client_ssl_context(tls: ClientTls | None) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(cadata=tls.ca or None)
     if tls.cert and tls.key:
-        with tempfile.TemporaryDirectory() as scratch:  # load_cert_chain reads files only
-            cert, key = os.path.join(scratch, "cert.pem"), os.path.join(scratch, "key.pem")
-            for path, pem in ((cert, tls.cert), (key, tls.key)):
-                with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                    f.write(pem)
-            context.load_cert_chain(cert, key)
+        pem.load_cert_chain(context, tls.cert, tls.key)
     return context
 
 
