@@ -137,6 +137,37 @@ def test_hot_row_cache_answers_bit_for_bit_within_its_budget(tmp_path):
         split.stop()
 
 
+def _resident_bytes(paths) -> int:
+    """How much of the files is in the page cache (util-linux's fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output=RES", *map(str, paths)],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line) for line in out.split())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="fincore (util-linux) is not installed")
+def test_a_shard_reads_its_rows_into_memory_when_it_loads(tmp_path):
+    """A shard's rows are memory-mapped; read ahead at load, they are in the page cache by the time it
+    serves, so no first lookup waits on the disk (a table of tens of MiB: beyond one read-ahead window)."""
+    model = recommender(tmp_path / "rec.keras", users=400_000, items=300, dim=16)
+    assert split_cli.main([model, f"--output_dir={tmp_path / 'out'}", "--shards=2", "--partition=div",
+                           "--tables=user_table,item_table"]) == 0
+    data = sorted((tmp_path / "out" / "shards" / "rec_shard_1").glob("*/variables/variables.data-*"))
+    size = sum(path.stat().st_size for path in data)
+    assert size > 12 << 20
+    for path in data:  # out of the page cache, as after a reboot or on a fresh host
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert _resident_bytes(data) < size // 10
+    shard = InProcessServer(f"--model_config_file={tmp_path / 'out' / 'config' / 'shard_1.config'}", rest=False)
+    try:
+        resident = _resident_bytes(data)
+        assert resident >= 0.9 * size, f"{resident} of {size} bytes in the page cache after the load"
+    finally:
+        shard.stop()
+
+
 def test_shard_fast_path_answers_as_the_session(tmp_path, monkeypatch):
     """A shard served from its checkpoint's rows answers exactly as the same SavedModel in a Session."""
     from remote_predict.serving.rows_servable import RowsServable

@@ -29,6 +29,7 @@ from remote_predict.checkpoint_bundle import Bundle
 from remote_predict.errors import invalid_argument
 from remote_predict.serving.servable import Signature, signature_or_fail, tensor_specs
 
+_READ_AHEAD_STEP = 2 << 20  # bytes per posix_fadvise call: within Linux's usual read-ahead window
 _INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "table_initializer", "saved_model_assets")
 
 
@@ -44,7 +45,9 @@ def _read_ahead(path: str, offset: int, length: int) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        # Linux reads ahead at most its read-ahead window per call (a few MiB), whatever length is asked.
+        for start in range(offset, offset + length, _READ_AHEAD_STEP):
+            os.posix_fadvise(fd, start, min(_READ_AHEAD_STEP, offset + length - start), os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
 
