@@ -146,8 +146,8 @@ def _resident_bytes(paths) -> int:
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="fincore (util-linux) is not installed")
 def test_a_shard_reads_its_rows_into_memory_when_it_loads(tmp_path):
-    """A shard's rows are memory-mapped; read ahead at load, they are in the page cache by the time it
-    serves, so no first lookup waits on the disk (a table of tens of MiB: beyond one read-ahead window)."""
+    """A shard's rows are memory-mapped; read at load, they are in the page cache by the time it serves,
+    so no first lookup waits on the disk (a table of tens of MiB: beyond one read-ahead window)."""
     model = recommender(tmp_path / "rec.keras", users=400_000, items=300, dim=16)
     assert split_cli.main([model, f"--output_dir={tmp_path / 'out'}", "--shards=2", "--partition=div",
                            "--tables=user_table,item_table"]) == 0
