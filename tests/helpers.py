@@ -35,10 +35,50 @@ COUNTER = TESTDATA / "saved_model_counter"
 http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=30))
 
 
+class _Ports:
+    """Ports for servers that bind them later (subprocesses, seconds later: TensorFlow imports first).
+
+    Why not a port the kernel picks (bind to 0): it comes from the ephemeral range, from which every
+    outgoing connection of the machine takes its local port meanwhile, and the suite makes thousands; one
+    of them taking a server's port failed a run ("Address already in use"). Ports below that range are
+    taken only by a bind that names them. Each is handed out once per test run, from a start that
+    depends on the process, so two runs on one machine seldom meet."""
+
+    def __init__(self) -> None:
+        low = 32768
+        with contextlib.suppress(OSError, ValueError):
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        self._range = range(max(1024, low - 12000), low) if low > 5000 else range(0)
+        self._next = os.getpid() % max(1, len(self._range))
+        self._given: set[int] = set()
+
+    def pick(self) -> int:
+        for _ in range(len(self._range)):
+            port = self._range[self._next]
+            self._next = (self._next + 1) % len(self._range)
+            if port not in self._given and self._bindable(port):
+                self._given.add(port)
+                return port
+        with socket.socket() as s:  # no room below the ephemeral range: let the kernel pick
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    @staticmethod
+    def _bindable(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+
+_PORTS = _Ports()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, for a server a test starts."""
+    return _PORTS.pick()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

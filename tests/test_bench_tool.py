@@ -45,10 +45,12 @@ def test_rest_with_an_input_file_and_errors_by_code(server, tmp_path, capsys):
     assert set(level["errors"]) == {"INVALID_ARGUMENT"} and level["errors"]["INVALID_ARGUMENT"] > 0
 
 
+@pytest.mark.timeout(900)  # about 2 minutes here: a margin for a slower machine
 def test_benchmark_suite_quick_run_completes():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--quick"], capture_output=True,
                             text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     for scenario in ("1. floor", "2. direct Predict, gRPC", "2. direct Predict, REST", "3. hop overhead",
-                     "4. fan-out to 4 shard(s)", "5. bulk 16 MiB", "6. half_plus_two, batching on"):
+                     "3. one hop to another server over tcp://", "4. fan-out to 4 shard(s)", "5. bulk 16 MiB",
+                     "6. half_plus_two, batching on"):
         assert scenario in result.stdout, result.stdout

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from helpers import wait_until
 from remote_predict.errors import Code, ServingError
 from remote_predict.op.coalesce import Coalescer
 
@@ -77,7 +78,7 @@ def test_a_request_queued_past_its_deadline_gives_up_and_is_never_worked_on():
     coalescer = Coalescer(max_inflight=1)
     first = threading.Thread(target=lambda: coalescer.run("first", slow, time.monotonic() + 10))
     first.start()
-    time.sleep(0.05)
+    wait_until(lambda: worked == ["first"], 5, "the first request to be worked on")
     with pytest.raises(ServingError) as caught:
         coalescer.run("late", slow, time.monotonic() + 0.1)
     assert caught.value.code == Code.DEADLINE_EXCEEDED

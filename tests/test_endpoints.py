@@ -7,7 +7,7 @@ from remote_predict.op.endpoints import Endpoint, EndpointSet
 
 
 def test_stall_after_follows_the_targets_latency_within_bounds():
-    assert endpoints.stall_after(None, 10.0) == endpoints.STALL_FLOOR_SECONDS  # nothing known yet: the floor
+    assert endpoints.stall_after(None, 10.0) == endpoints.STALL_UNKNOWN_SECONDS  # nothing known yet: first calls
     assert endpoints.stall_after(0.001, 10.0) == endpoints.STALL_FLOOR_SECONDS  # 8 x 1 ms < 50 ms
     assert endpoints.stall_after(0.020, 10.0) == pytest.approx(0.160)  # 8 x the p99
     assert endpoints.stall_after(5.0, 2.0) == pytest.approx(0.5)  # never beyond a quarter of the deadline

@@ -255,6 +255,7 @@ def predict_request(inputs: dict) -> predict_pb2.PredictRequest:
     return request
 
 
+@pytest.mark.timeout(900)  # 2-2.5 minutes here: a margin for a slower machine
 def test_the_manifests_topology_answers_as_the_unsplit_model_and_rolls_out(cluster, tmp_path, monkeypatch):
     """Every pod in its own namespace, started from its manifest; Service names resolve to the pods their
     selectors match; the models come from the S3 store, itself a host on the network. Then a roll-out:

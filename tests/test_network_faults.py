@@ -115,8 +115,8 @@ def test_cut_behaves_as_a_hang_and_healing_recovers(network):
     # connect attempt early.
     around = [o for o in outcomes if o.model == "remote" and cut_at - DEADLINE_MS / 1000 <= o.started < healed_at]
     assert any("a quarter of its deadline" in o.detail for o in around), summary
-    waited = ("timed out", "timeout", "failed to connect")  # a probe re-sent on a fresh connection
-    assert any(o.code == "DEADLINE_EXCEEDED" or any(w in o.detail.lower() for w in waited) for o in around), \
+    # Whatever gRPC's wording for how the probe ended, it waited (a refused connection fails at once).
+    assert any(o.code != "OK" and o.seconds >= DEADLINE_MS / 1000 / 4 for o in around), \
         f"{summary}; {sorted({o.detail for o in around if o.code != 'OK'})[:6]}"
     assert sorted(o.seconds for o in during)[len(during) // 2] < DEADLINE_MS / 1000 / 4, summary
     assert set(counts(outcomes, "local")) == {"OK"}, summary

@@ -15,7 +15,7 @@ from tensorflow.core.framework import attr_value_pb2, op_def_pb2, types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 import models
-from helpers import HALF_PLUS_TWO, REPO, InProcessServer, ServerProcess, free_port, write_config
+from helpers import HALF_PLUS_TWO, REPO, InProcessServer, ServerProcess, free_port, wait_until, write_config
 from remote_predict.op.config import OpConfig
 from remote_predict.tools import export
 
@@ -104,7 +104,8 @@ def test_stopped_target_unknown_model_and_slow_target(leaf, tmp_path):
             master.predict("slow", {"x": np.array([1.0], np.float32), "delay_ms": np.int64(3000)})
         elapsed = time.monotonic() - started
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert elapsed < 0.3 + 0.7, f"deadline 300 ms, failed after {elapsed * 1000:.0f} ms"
+        # without the deadline: 3 s; the margin is for the master's first run of the model on a busy machine
+        assert elapsed < 0.3 + 1.5, f"deadline 300 ms, failed after {elapsed * 1000:.0f} ms"
 
 
 def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
@@ -119,7 +120,8 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
 
         thread = threading.Thread(target=first)
         thread.start()
-        time.sleep(0.5)  # the first call is now in flight on the leaf
+        wait_until(lambda: master.server.metrics.registry.get_sample_value(
+            "remote_predict_op_inflight_calls", {"target": leaf.address}) == 1, 10, "the first call to be in flight")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
             master.predict("slow", {**x, "delay_ms": np.int64(0)})
@@ -138,14 +140,14 @@ def test_fan_out_runs_the_calls_concurrently(tmp_path):
     try:
         built = {"fan": models.fan_out(tmp_path / "fan" / "1", [s.address for s in leaves])}
         with serve_master(tmp_path, built) as master:
-            x = {"x": np.array([1.0, 2.0], np.float32), "delay_ms": np.int64(400)}
+            x = {"x": np.array([1.0, 2.0], np.float32), "delay_ms": np.int64(1000)}
             master.predict("fan", {"x": np.array([1.0], np.float32), "delay_ms": np.int64(1)})  # warm up
             started = time.monotonic()
             response = master.predict("fan", x)
             elapsed = time.monotonic() - started
             assert list(response.outputs["y"].float_val) == [4.0, 8.0]
-            assert elapsed < 0.4 * 4 * 0.6, (
-                f"4 calls of 400 ms each took {elapsed * 1000:.0f} ms in all; sequential calls would take 1600 ms")
+            assert elapsed < 1.0 * 4 * 0.6, (
+                f"4 calls of 1 s each took {elapsed * 1000:.0f} ms in all; sequential calls would take 4 s")
     finally:
         for s in leaves:
             s.stop()

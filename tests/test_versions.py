@@ -89,7 +89,8 @@ def test_unload_waits_for_requests_holding_the_version(tmp_path):
         result = {}
 
         def slow_request():
-            result["response"] = s.predict("sleepy", {"x": np.array([7.0], np.float32), "delay_ms": np.int64(3000)})
+            # long enough to outlast version 2's discovery (a 1 s poll) and load on a busy machine
+            result["response"] = s.predict("sleepy", {"x": np.array([7.0], np.float32), "delay_ms": np.int64(8000)})
 
         thread = threading.Thread(target=slow_request)
         thread.start()

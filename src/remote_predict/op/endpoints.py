@@ -11,10 +11,12 @@ The rules, and why:
   which is only slow and is left to hedging. `stall_after` follows the target's own latency: eight
   times its recent p99, at least 50 ms, at most a quarter of the call's deadline. A healthy answer is
   very rarely 8x the p99; a missed detection costs a request its deadline, a false one a single re-sent
-  call and a probe. That holds while another endpoint is up: for the last one standing (or the only
-  one) a false detection would fail every call at once, and with nowhere else to send a call there is
-  nothing to gain by guessing early, so it is given a quarter of the deadline (a large request to the
-  one healthy replica left, which answers nothing else meanwhile, must not look like a hang).
+  call and a probe. Until the target has answered a few calls there is no p99 to go by, and its first
+  answers are its slowest (a new connection, the leaf's first run of a model): they get 250 ms.
+  That holds while another endpoint is up: for the last one standing (or the only one) a false
+  detection would fail every call at once, and with nowhere else to send a call there is nothing to
+  gain by guessing early, so it is given a quarter of the deadline (a large request to the one healthy
+  replica left, which answers nothing else meanwhile, must not look like a hang).
 * **Ejection.** An endpoint that stopped answering, refused or dropped a connection, did not finish
   accepting one (TCP and TLS) within `stall_after` (at most a second), sent garbage, or answered
   UNAVAILABLE (it is draining or overloaded) is ejected: no new call is sent to it, and calls waiting
@@ -42,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 STALL_FLOOR_SECONDS = 0.05
+STALL_UNKNOWN_SECONDS = 0.25  # before a target has a p99
 STALL_P99_MULTIPLE = 8.0
 STALL_DEADLINE_FRACTION = 0.25
 PROBE_SECONDS = 0.1
@@ -104,7 +107,7 @@ def stall_after(p99: float | None, deadline_seconds: float, alternatives: bool =
     endpoint of the target is up."""
     if not alternatives:
         return deadline_seconds * STALL_DEADLINE_FRACTION
-    base = STALL_FLOOR_SECONDS if p99 is None else max(STALL_FLOOR_SECONDS, STALL_P99_MULTIPLE * p99)
+    base = STALL_UNKNOWN_SECONDS if p99 is None else max(STALL_FLOOR_SECONDS, STALL_P99_MULTIPLE * p99)
     return min(base, deadline_seconds * STALL_DEADLINE_FRACTION)
 
 
