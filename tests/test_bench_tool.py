@@ -54,3 +54,12 @@ def test_benchmark_suite_quick_run_completes():
                      "3. one hop to another server over tcp://", "4. fan-out to 4 shard(s)", "5. bulk 16 MiB",
                      "6. half_plus_two, batching on"):
         assert scenario in result.stdout, result.stdout
+
+
+def test_hedging_benchmark_quick_run_completes():
+    """The hedging benchmark runs end to end (flags, pauses, metrics) and prints a row per setting."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hedging.py"), "--quick", "--delays=0,5",
+                             "--percentiles=95"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("| no pauses | off |", "| no pauses | 5 ms |", "| B paused | off |", "| B paused | p95 |"):
+        assert row in result.stdout, result.stdout

@@ -59,6 +59,21 @@ def test_latency_p99_comes_from_recent_answers():
     assert latency.p99 == pytest.approx(0.010)
 
 
+def test_a_hedge_waits_the_fixed_delay_or_the_targets_recent_quantile_whichever_is_longer():
+    latency = endpoints.Latency()
+    assert endpoints.hedge_after(0.0, 0.0, latency) is None  # hedging off
+    assert endpoints.hedge_after(0.020, 0.0, latency) == pytest.approx(0.020)
+    assert endpoints.hedge_after(0.0, 0.95, latency) is None  # no answers yet: no quantile, no fixed delay
+    assert endpoints.hedge_after(0.005, 0.95, latency) == pytest.approx(0.005)  # meanwhile the fixed one
+    for i in range(128):
+        latency.add(0.001 * (i + 1))  # 1..128 ms; the order is recomputed every 32 answers
+    assert latency.quantile(0.95) == pytest.approx(0.122)
+    latency.add(1.0)  # not yet counted: no sort per answer
+    assert endpoints.hedge_after(0.0, 0.95, latency) == pytest.approx(0.122)
+    assert endpoints.hedge_after(0.200, 0.95, latency) == pytest.approx(0.200)  # the fixed delay as a floor
+    assert endpoints.hedge_after(0.0, 0.5, latency) == pytest.approx(0.065)
+
+
 def test_eject_and_rejoin_tell_listeners_once():
     events = []
     replicas = EndpointSet("tcp://a:1,b:1", ["a:1", "b:1"])

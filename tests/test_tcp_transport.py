@@ -288,7 +288,9 @@ def test_a_frame_read_in_pieces_is_the_frame_read_at_once():
 def test_a_call_unanswered_after_the_hedge_delay_also_goes_to_the_other_replica(tmp_path):
     """Replica A takes a second per answer, B none (the same answers): with hedging, a call sent to A is
     also sent to B after 20 ms, B's answer is the one returned, and the hedge is counted; without
-    hedging, the same calls are re-sent only once A counts as stopped answering."""
+    hedging, the same calls are re-sent only once A counts as stopped answering. Hedged after the target's
+    median latency instead (--remote_predict_hedge_percentile), the first calls (no median yet) are re-sent
+    as without hedging, later ones hedged."""
     models.slow_scale(tmp_path / "slow" / "1", 1.0, 1000)
     models.slow_scale(tmp_path / "fast" / "1", 1.0, 0)
     slow, fast = (InProcessServer(f"--model_base_path={tmp_path / name}", "--model_name=m", f"--tcp_port={free_port()}",
@@ -296,10 +298,11 @@ def test_a_call_unanswered_after_the_hedge_delay_also_goes_to_the_other_replica(
     target = f"tcp://127.0.0.1:{slow.server.tcp_port},127.0.0.1:{fast.server.tcp_port}"
     masters = []
     try:
-        for name, hedge in (("hedged", 20), ("plain", 0)):
+        for name, hedge, percentile in (("hedged", 20, 0), ("plain", 0, 0), ("by_median", 0, 50)):
             models.caller(tmp_path / name / "1", target, "m", deadline_ms=5000)
             config = write_config(tmp_path / f"{name}.config", {"remote": tmp_path / name})
             masters.append(InProcessServer(f"--model_config_file={config}", f"--remote_predict_hedge_after_ms={hedge}",
+                                           f"--remote_predict_hedge_percentile={percentile}",
                                            "--remote_predict_loopback_in_process=false", rest=False))
 
         def extra(master: InProcessServer, kind: str) -> float:
@@ -309,15 +312,16 @@ def test_a_call_unanswered_after_the_hedge_delay_also_goes_to_the_other_replica(
         def answered_by_fast() -> float:
             return fast.server.metrics.registry.get_sample_value(
                 "remote_predict_requests_total", {"model": "m", "api": "predict", "protocol": "tcp", "code": "OK"}) or 0
-        for master, calls in zip(masters, (4, 4), strict=True):
+        for master, calls in zip(masters, (4, 4, 20), strict=True):
             before = answered_by_fast()
             for i in range(calls):  # calls take turns between the replicas: some are sent to the slow one first
                 x = np.array([float(i)], np.float32)
                 assert float_val(master.predict("remote", {"x": x}), "y").tolist() == [float(i)]
             assert answered_by_fast() - before == calls  # the fast replica's answer was every call's
-        hedged, plain = masters
+        hedged, plain, by_median = masters
         assert extra(hedged, "hedge") >= 1 and extra(hedged, "resend") == 0
         assert extra(plain, "hedge") == 0 and extra(plain, "resend") >= 1
+        assert extra(by_median, "hedge") >= 1
     finally:
         for server in [*masters, slow, fast]:
             server.stop()

@@ -82,10 +82,11 @@ class Endpoint:
 
 
 class Latency:
-    """A target's recent p99 of answered calls (None until it has a few)."""
+    """A target's recent latency of answered calls: its p99, and any quantile (None until it has a few)."""
 
     def __init__(self) -> None:
         self._samples: list[float] = []
+        self._ordered: list[float] = []  # the samples, sorted when the p99 was last recomputed
         self._next = 0
         self._count = 0
         self.p99: float | None = None
@@ -98,8 +99,26 @@ class Latency:
             self._next = (self._next + 1) % _WINDOW
         self._count += 1
         if self._count % _RECOMPUTE == 0 or self._count == 8:
-            ordered = sorted(self._samples)
-            self.p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+            self._ordered = sorted(self._samples)
+            self.p99 = self.quantile(0.99)
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0 < q < 1) as of the last recompute of the p99, without sorting again."""
+        ordered = self._ordered
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
+def hedge_after(fixed: float, quantile: float, latency: Latency) -> float | None:
+    """Seconds a call waits before it is also sent to another replica (None: it is not hedged).
+
+    `fixed` (seconds, 0: none) alone, or with `quantile` (0: none) the target's recent latency at that
+    quantile, never less than `fixed`: a delay that follows the replicas, so about 1 - quantile of calls
+    are hedged whatever their speed, where a fixed one is late when they are fast and, when they are all
+    slow, hedges nearly every call (twice the load). Until the target has answered a few calls, `fixed`."""
+    recent = latency.quantile(quantile) if quantile else None
+    if recent is None:
+        return fixed or None
+    return max(fixed, recent)
 
 
 def stall_after(p99: float | None, deadline_seconds: float, alternatives: bool = True) -> float:

@@ -43,6 +43,7 @@ class OpSettings:
     tls: ClientTls | None = None
     channel_arguments: tuple[tuple[str, object], ...] = ()  # gRPC channel arguments, over our defaults
     hedge_after_ms: int = 0  # tcp targets: also ask another replica when a call waits this long (0: never)
+    hedge_percentile: float = 0.0  # ... or waits longer than this percentile of the target's recent calls
     cache_mib: float = 0.0  # hot rows the sharded lookups keep, in MiB for the whole runtime (0: none)
 
 

@@ -66,6 +66,7 @@ class ServerOptions:
     remote_predict_max_inflight_per_target: int = 0
     remote_predict_channel_arguments: str = ""
     remote_predict_hedge_after_ms: int = 0
+    remote_predict_hedge_percentile: float = 0.0
     remote_predict_cache_mib: float = 0.0
     tcp_port: int = 0
     lookup_fast_path: bool = True
@@ -133,6 +134,10 @@ _HELP = {
     "remote_predict_hedge_after_ms": "(remote-predict) tcp:// targets with several replicas: a call unanswered "
                                      "after this long is also sent to another replica, the first answer wins "
                                      "(0: never)",
+    "remote_predict_hedge_percentile": "(remote-predict) tcp:// targets with several replicas: a call unanswered "
+                                       "after this percentile of the target's recent latency (e.g. 95) is also "
+                                       "sent to another replica; --remote_predict_hedge_after_ms is then the "
+                                       "least delay (0: off)",
     "remote_predict_cache_mib": "(remote-predict) MiB of hot table rows a split master keeps, per server, "
                                 "shared by its tables in proportion to their size; rows of each model version "
                                 "apart (0: no cache)",
@@ -243,6 +248,8 @@ def validate(options: ServerOptions) -> None:
         raise FlagError("--remote_predict_cache_mib must be >= 0")
     if options.remote_predict_hedge_after_ms < 0:
         raise FlagError("--remote_predict_hedge_after_ms must be >= 0")
+    if not 0 <= options.remote_predict_hedge_percentile < 100:
+        raise FlagError("--remote_predict_hedge_percentile must be in [0, 100)")
     if options.file_system_poll_wait_seconds < 0:
         raise FlagError("--file_system_poll_wait_seconds must be >= 0 (a negative value would never load a model)")
     if options.model_config_file_poll_wait_seconds < 0:

@@ -70,6 +70,7 @@ def op_runtime(options: ServerOptions, tracing: Tracing | None = None) -> OpRunt
         tls=client_tls(tls) if tls else None,
         channel_arguments=tuple(parse_channel_arguments(options.remote_predict_channel_arguments)),
         hedge_after_ms=options.remote_predict_hedge_after_ms,
+        hedge_percentile=options.remote_predict_hedge_percentile,
         cache_mib=options.remote_predict_cache_mib,
     )
     return OpRuntime(settings, name=f"server on port {options.port}", tracing=tracing)

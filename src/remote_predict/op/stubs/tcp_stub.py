@@ -10,7 +10,8 @@ What it does for a call, in the calling thread and without handing it to another
   lookup sends each shard its frame, then waits for all of them at once);
 * while it waits, applies the health rules of `endpoints`: a replica that stopped answering is
   ejected and the call is re-sent to another (the first answer wins, the other connection is closed);
-  with `hedge_after_ms`, a call still unanswered then is also sent to another replica;
+  with `hedge_after_ms` (or `hedge_percentile`: the target's recent latency at that percentile), a call
+  still unanswered then is also sent to another replica;
 * answers that are errors of the model (bad input, unknown model...) are final; UNAVAILABLE (the replica
   drains or sheds load) and broken connections move the call to another replica.
 
@@ -109,10 +110,15 @@ class TcpStub:
         self._resolved_at = 0.0
         self.resolve()
         self.ssl = client_ssl_context(runtime.settings.tls)
-        self.hedge_after = runtime.settings.hedge_after_ms / 1000
+        self._hedge_fixed = runtime.settings.hedge_after_ms / 1000
+        self._hedge_quantile = runtime.settings.hedge_percentile / 100
         self.closed = False
         _prober(runtime).add(self)
         _resolver(runtime).add(self)
+
+    def hedge_after(self) -> float | None:
+        """How long a call made now waits before it is hedged (None: never)."""
+        return endpoints.hedge_after(self._hedge_fixed, self._hedge_quantile, self.endpoints.latency)
 
     # ------------------------------------------------------------------------------- endpoints
 
@@ -210,6 +216,7 @@ class TcpCall:
         self.tried: list[endpoints.Endpoint] = []
         self.failures: list[tuple[str, str]] = []  # (endpoint, what went wrong there), for the final message
         self.hedged = False
+        self.hedge_after = stub.hedge_after()
         self.code: Code | None = None
         self.message = ""
         self.answer_body: bytearray | None = None
@@ -237,7 +244,7 @@ class TcpCall:
         return min(after, CONNECT_SECONDS) if attempt.connecting else after
 
     def _may_hedge(self) -> bool:
-        return bool(self.stub.hedge_after) and not self.hedged and len(self.attempts) == 1
+        return self.hedge_after is not None and not self.hedged and len(self.attempts) == 1
 
     def next_wake(self, now: float) -> float:
         wake = self.deadline
@@ -249,7 +256,7 @@ class TcpCall:
             limit = attempt.sent_at + self._limit(attempt)
             wake = min(wake, limit if limit > now else now + _POLL_SECONDS)
         if self._may_hedge():
-            wake = min(wake, self.attempts[0].begun_at + self.stub.hedge_after)
+            wake = min(wake, self.attempts[0].begun_at + self.hedge_after)
         return wake
 
     def _where(self) -> str:
@@ -414,7 +421,7 @@ class TcpCall:
                     not any(a.endpoint.oldest_waiting() == id(a) for a in self.attempts):
                 self.finish(selector, Code.UNAVAILABLE, f"{self._no_endpoint(now)}; failing fast until one answers")
             return
-        if self._may_hedge() and now - self.attempts[0].begun_at >= stub.hedge_after:
+        if self._may_hedge() and now - self.attempts[0].begun_at >= self.hedge_after:
             self.hedged = True
             self.start(selector, now, hedge=True)
 
