@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shlex
 import signal
 import statistics
 import sys
@@ -39,7 +38,7 @@ from helpers import ServerProcess, free_port, write_config  # noqa: E402
 from remote_predict.tools.bench import build_job  # noqa: E402
 from remote_predict.tools.export import export_half_plus_two  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, machine_description  # noqa: E402
-from results_file import write_region  # noqa: E402
+from results_file import command_line, write_region  # noqa: E402
 
 METRICS = "/monitoring/prometheus/metrics"
 
@@ -163,9 +162,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        command = shlex.join(["python", "benchmarks/hedging.py", *sys.argv[1:]])
         write_region(args.write, "hedging", f"## Hedging a replica that pauses (`benchmarks/hedging.py`)\n\n"
-                                            f"Command: `{command}`\n\n{text}\n")
+                                            f"Command: `{command_line()}`\n\n{text}\n")
     return 0
 
 

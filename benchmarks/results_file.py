@@ -7,9 +7,16 @@ drops another's figures.
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 TITLE = "# Benchmark results\n"
+
+
+def command_line() -> str:
+    """How the running benchmark was started, as a command from the repository root (for its region)."""
+    return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def write_region(path: str | Path, name: str, text: str) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import ServerProcess, free_port, write_config  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, machine_description  # noqa: E402
-from results_file import write_region  # noqa: E402
+from results_file import command_line, write_region  # noqa: E402
 
 USERS_PER_REQUEST, ITEMS_PER_USER = 16, 10
 ZIPF_A = 1.1
@@ -292,12 +291,11 @@ def main() -> int:
     lines.append(f"\n(measured in {time.monotonic() - started:.0f} s)")
     print("\n".join(lines))
     if args.write:
-        command = "python benchmarks/split_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if
-                                                                  not a.startswith("--write") and a != args.write)
         caches = ",".join(f"{c:g}" for c in args.cache_fractions)
         write_region(args.write, f"split_cost cache={caches}",
                      f"## A split model against the unsplit one (`benchmarks/split_cost.py`, cache {caches})\n\n"
-                     f"Measured {datetime.date.today().isoformat()}. Command: `{command}`\n\n" + "\n".join(lines))
+                     f"Measured {datetime.date.today().isoformat()}. Command: `{command_line()}`\n\n"
+                     + "\n".join(lines))
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shlex
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from otlp_receiver import OtlpReceiver  # noqa: E402
 from remote_predict.tools.bench import build_job  # noqa: E402
 from remote_predict.tools.export import export_half_plus_two, export_half_plus_two_with_rpop  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, grpc_job, machine_description  # noqa: E402
-from results_file import write_region  # noqa: E402
+from results_file import command_line, write_region  # noqa: E402
 
 TARGETS = {
     "hop": "hop overhead at p50 <= 1.5x the floor",
@@ -329,11 +328,10 @@ def main() -> int:
     machine = machine_description()
     print(f"# machine: {machine}\n{table}")
     if args.write:
-        command = "python benchmarks/suite.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         write_region(args.write, "suite", "## What a hop costs (`benchmarks/suite.py`)\n\n"
             f"Measured {datetime.date.today().isoformat()} on {machine}, loopback, every server a "
             f"`remote-predict serve` process on the same machine as the client.\n\n"
-            f"Command: `{command}`\n\n"
+            f"Command: `{command_line()}`\n\n"
             f"Targets: {'; '.join(TARGETS.values())}.\n\n"
             "| " + table.replace("\n", " |\n| ") + " |\n" + ANALYSIS)
     return 0

@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-from netns import netns_problem as problem  # noqa: F401  (the one check, re-exported for test_kubernetes)
 from netns import run as _run
 
 

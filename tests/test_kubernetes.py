@@ -19,6 +19,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+import netns
 import netns_cluster
 from helpers import REPO, InProcessServer, wait_until, write_config
 from remote_predict.split import cli as split_cli
@@ -237,7 +238,7 @@ class Pod:
 
 @pytest.fixture
 def cluster():
-    why = netns_cluster.problem()
+    why = netns.netns_problem()
     if why:
         pytest.skip(why)
     net = netns_cluster.Network()
