@@ -56,6 +56,9 @@ def _read_into_page_cache(path: str, offset: int, length: int) -> None:
             remaining -= read
 
 
+ROW_BY_ROW = 32  # up to this many ids, copying rows one by one beats grouping them by range
+
+
 @dataclass(frozen=True)
 class _Gather:
     node: str  # the gather node's name, for error messages
@@ -64,10 +67,17 @@ class _Gather:
 
 
 class RowStore:
-    """A table's rows as the checkpoint stores them: one memory map per row range (slice)."""
+    """A table's rows as the checkpoint stores them: one memory map per row range (slice).
+
+    A split writes a shard's table in slices of 8 MiB, so a lookup's ids usually fall in several ranges.
+    Rows are read through plain ndarray views of the maps (a `np.memmap` result costs a subclass
+    finalizer on every take); a few ids are read row by row, more are grouped by range with one sort,
+    never with a pass over the ids per range.
+    """
 
     def __init__(self, ranges: Sequence[tuple[int, np.ndarray]]):
-        self.ranges = list(ranges)
+        self.ranges = list(ranges)  # keeps the maps (and their files) open
+        self.arrays = [np.asarray(rows) for _, rows in self.ranges]
         self.starts = np.array([start for start, _ in self.ranges], np.int64)
         first = self.ranges[0][1]
         self.rows = sum(len(m) for _, m in self.ranges)
@@ -75,15 +85,23 @@ class RowStore:
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """`table[ids]`; ids must already be in range."""
-        if len(self.ranges) == 1:
-            return np.take(self.ranges[0][1], ids, axis=0)
-        out = np.empty((*ids.shape, *self.row_shape), self.dtype)
-        slot = np.searchsorted(self.starts, ids, side="right") - 1
-        for index in np.unique(slot):
-            where = slot == index
-            start, rows = self.ranges[index]
-            out[where] = np.take(rows, ids[where] - start, axis=0)
-        return out
+        if len(self.arrays) == 1:
+            return self.arrays[0].take(ids, axis=0)
+        flat = ids.reshape(-1)
+        slot = np.searchsorted(self.starts, flat, side="right") - 1
+        local = flat - self.starts[slot]
+        out = np.empty((len(flat), *self.row_shape), self.dtype)
+        if len(flat) <= ROW_BY_ROW:
+            arrays = self.arrays
+            for i, (index, row) in enumerate(zip(slot.tolist(), local.tolist(), strict=True)):
+                out[i] = arrays[index][row]
+        else:
+            order = np.argsort(slot, kind="stable")
+            bounds = np.searchsorted(slot[order], np.arange(len(self.arrays) + 1))
+            for index in np.flatnonzero(np.diff(bounds)).tolist():
+                where = order[bounds[index]:bounds[index + 1]]
+                out[where] = self.arrays[index].take(local[where], axis=0)
+        return out.reshape((*ids.shape, *self.row_shape))
 
 
 def _node_input(name: str) -> str:
