@@ -102,14 +102,15 @@ def to_ndarray(proto: tensor_pb2.TensorProto, max_elements: int = DEFAULT_MAX_EL
     shape = shape_of(proto, max_elements)
     count = math.prod(shape)
     npdt = _NUMPY_BY_DTYPE[dtype]
-    if proto.tensor_content and dtype != types_pb2.DT_STRING:
+    content = proto.tensor_content  # read once: each read of a bytes field is a copy of it
+    if content and dtype != types_pb2.DT_STRING:
         expected = count * npdt.itemsize
-        if len(proto.tensor_content) != expected:
+        if len(content) != expected:
             raise invalid_argument(
-                f"tensor_content has {len(proto.tensor_content)} bytes but shape {list(shape)} of "
+                f"tensor_content has {len(content)} bytes but shape {list(shape)} of "
                 f"{dtype_name(dtype)} needs {expected}"
             )
-        return np.frombuffer(proto.tensor_content, dtype=npdt).reshape(shape)
+        return np.frombuffer(content, dtype=npdt).reshape(shape)
 
     values = getattr(proto, _FIELD_BY_DTYPE[dtype])
     if dtype == types_pb2.DT_STRING:

@@ -5,8 +5,9 @@ socket and numpy (parse into the message, read the field into `bytes`, convert; 
 reverse). For large messages this module reads the map entries straight out of the received bytes
 (`np.frombuffer` on a slice: no copy) and writes answers with one `join`. Everything else in the
 message (model_spec, output_filter, typed-value tensors, unknown fields) still goes through the
-generated classes, so the result is exactly what they would produce. Small messages use the generated
-classes alone: they are faster there.
+generated classes, so the result is exactly what they would produce. Small messages, both ways, use
+the generated classes alone: they are faster there (a lookup's request or answer of a few KiB encodes
+in about half the time: the field-by-field path below costs tens of microseconds of Python).
 """
 
 from __future__ import annotations
@@ -208,9 +209,23 @@ def _map_entries(number: int, tensors: Mapping[str, np.ndarray], tensor_content:
     return parts
 
 
+def _small(arrays: Mapping[str, np.ndarray]) -> bool:
+    return sum(np.asarray(a).nbytes for a in arrays.values()) < LARGE_MESSAGE_BYTES
+
+
+def _with_tensors(message_, tensors, arrays: Mapping[str, np.ndarray], tensor_content: bool) -> bytes:
+    for alias, array in arrays.items():
+        tensors[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
+    return message_.SerializeToString(deterministic=True)  # map entries by key, whatever the process
+
+
 def encode_predict_request(request_without_inputs: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray]
                            ) -> bytes:
     """Numeric inputs as tensor_content; one copy of each buffer, into the message."""
+    if _small(inputs):
+        request = predict_pb2.PredictRequest()
+        request.CopyFrom(request_without_inputs)
+        return _with_tensors(request, request.inputs, inputs, tensor_content=True)
     return b"".join([request_without_inputs.SerializeToString(),
                      *_map_entries(_REQUEST_INPUTS, inputs, tensor_content=True)])
 
@@ -218,5 +233,8 @@ def encode_predict_request(request_without_inputs: predict_pb2.PredictRequest, i
 def encode_predict_response(model_spec: model_pb2.ModelSpec, outputs: Mapping[str, np.ndarray],
                             tensor_content: bool) -> bytes:
     """A PredictResponse; with `tensor_content`, numeric outputs are copied once, into the message."""
+    if _small(outputs):
+        response = predict_pb2.PredictResponse(model_spec=model_spec)
+        return _with_tensors(response, response.outputs, outputs, tensor_content)
     return b"".join([*_map_entries(_RESPONSE_OUTPUTS, outputs, tensor_content),
                      *_length_delimited(_RESPONSE_MODEL_SPEC, [model_spec.SerializeToString()])])
