@@ -25,7 +25,10 @@ class _OpFunc(script_ops.EagerFunc):
     """EagerFunc without gradient-tape bookkeeping (RemotePredict has no gradient), on the hot path.
 
     Values are wrapped with the EagerTensor constructor directly: a third of the cost of
-    `convert_to_tensor`, which matters on every remote call.
+    `convert_to_tensor`, which matters on every remote call. In a Session the node gets no device,
+    and its values are made where the constructor makes them with no device (the host CPU, as
+    TensorFlow's own EagerFunc puts them): given an empty device name instead, the constructor runs an
+    eager copy for each value, about 3x the cost (measured: 33 against 92 us for a lookup's two outputs).
     """
 
     def __init__(self, func, Tout, is_grad_func):
@@ -35,7 +38,7 @@ class _OpFunc(script_ops.EagerFunc):
     def __call__(self, device, token, args):
         with context.eager_mode():
             values = self._func(*args)
-            place = device if isinstance(device, str) else ""
+            place = device if isinstance(device, str) else None
             return [v if isinstance(v, ops.EagerTensor) else ops.EagerTensor(v, place, enum)
                     for v, enum in zip(values, self._enums, strict=True)]
 
