@@ -168,6 +168,35 @@ def test_a_shard_reads_its_rows_into_memory_when_it_loads(tmp_path):
         shard.stop()
 
 
+def test_the_master_runs_as_one_graph_without_function_calls(tmp_path):
+    """Grappler inlines the master's functions, lookup included, as it does the unsplit model's: each
+    request runs one graph, not TensorFlow's function runtime twice around the lookup."""
+    from tensorflow.core.protobuf import config_pb2
+
+    split = Split(recommender(tmp_path / "rec.keras"), tmp_path / "out", 2, "--tables=user_table,item_table")
+    try:
+        ops = {}
+        for model in ("master", "unsplit"):
+            graph = tf.Graph()
+            with tf.compat.v1.Session(graph=graph) as session:
+                path = str(tmp_path / "out" / model / "1")
+                meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+                signature = meta_graph.signature_def["serving_default"]
+                feeds = {graph.get_tensor_by_name(signature.inputs[alias].name): ids
+                         for alias, ids in random_ids(np.random.default_rng(3), 4).items()}
+                metadata = config_pb2.RunMetadata()
+                answer = session.run(graph.get_tensor_by_name(signature.outputs["output_0"].name), feeds,
+                                     options=config_pb2.RunOptions(output_partition_graphs=True),
+                                     run_metadata=metadata)
+                ops[model] = {node.op for partition in metadata.partition_graphs for node in partition.node}
+                assert answer.shape == (4, 1)
+        assert "EagerPyFunc" in ops["master"]
+        for model, kinds in ops.items():
+            assert not kinds & {"StatefulPartitionedCall", "PartitionedCall"}, f"{model}: {sorted(kinds)}"
+    finally:
+        split.stop()
+
+
 def test_shard_fast_path_answers_as_the_session(tmp_path, monkeypatch):
     """A shard served from its checkpoint's rows answers exactly as the same SavedModel in a Session."""
     from remote_predict.serving.rows_servable import RowsServable
