@@ -343,7 +343,8 @@ def _replace_with_call(function: function_pb2.FunctionDef, gathers: Sequence[nod
     The call is wired as TensorFlow wires a stateful call it traces: one of the function's control outputs,
     and a control input of its return values. Without that, grappler refuses to inline the function (it
     cannot show the call's side effects would still run), and every request then pays two function calls
-    of TensorFlow's runtime around the lookup (measured: the master's Session run cost 3x its own ops).
+    of TensorFlow's runtime around the lookup (measured: 0.7-0.9 ms of TensorFlow per request, against
+    0.09 ms for the whole unsplit graph).
     """
     names = {n.name for n in function.node_def}
     call_name = f"{gathers[0].name}/remote_predict_lookup"
