@@ -76,12 +76,10 @@ class RowStore:
     """
 
     def __init__(self, ranges: Sequence[tuple[int, np.ndarray]]):
-        self.ranges = list(ranges)  # keeps the maps (and their files) open
-        self.arrays = [np.asarray(rows) for _, rows in self.ranges]
-        self.starts = np.array([start for start, _ in self.ranges], np.int64)
-        first = self.ranges[0][1]
-        self.rows = sum(len(m) for _, m in self.ranges)
-        self.row_shape, self.dtype = first.shape[1:], first.dtype
+        self.arrays = [np.asarray(rows) for _, rows in ranges]  # views: each keeps its map (and file) open
+        self.starts = np.array([start for start, _ in ranges], np.int64)
+        self.rows = sum(len(a) for a in self.arrays)
+        self.row_shape, self.dtype = self.arrays[0].shape[1:], self.arrays[0].dtype
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """`table[ids]`; ids must already be in range."""
