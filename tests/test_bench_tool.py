@@ -63,3 +63,17 @@ def test_hedging_benchmark_quick_run_completes():
     assert result.returncode == 0, result.stderr[-3000:]
     for row in ("| no pauses | off |", "| no pauses | 5 ms |", "| B paused | off |", "| B paused | p95 |"):
         assert row in result.stdout, result.stdout
+
+
+def test_idle_gaps_benchmark_runs_its_three_paths():
+    """The idle-gaps benchmark splits, serves and calls a shard and the unsplit model (every answer must be OK,
+    or it fails), and prints a row per gap with a figure for each path."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "idle_gaps.py"), "--rounds=1", "--calls=30",
+                             "--gaps=0,1", "--users=20000", "--items=4000"], capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 0 ms |", "| 1 ms |"))]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 5 and all(cell.endswith("x)") for cell in cells[1:4]), row
