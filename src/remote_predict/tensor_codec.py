@@ -9,7 +9,7 @@ what most clients read) or `tensor_content` (one memcpy; what our RemotePredict 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -179,6 +179,13 @@ def from_ndarray(
     else:
         field.extend(flat.tolist())
     return proto
+
+
+def put_arrays(tensors, arrays: Mapping[str, np.ndarray], tensor_content: bool = False) -> None:
+    """Encode each array into `tensors`, a proto map of TensorProtos (a request's inputs, a response's
+    outputs), under its alias."""
+    for alias, array in arrays.items():
+        tensors[alias].CopyFrom(from_ndarray(array, tensor_content=tensor_content))
 
 
 def shape_proto(shape: Sequence[int]) -> tensor_shape_pb2.TensorShapeProto:

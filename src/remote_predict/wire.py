@@ -214,8 +214,7 @@ def _small(arrays: Mapping[str, np.ndarray]) -> bool:
 
 
 def _with_tensors(message_, tensors, arrays: Mapping[str, np.ndarray], tensor_content: bool) -> bytes:
-    for alias, array in arrays.items():
-        tensors[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
+    tensor_codec.put_arrays(tensors, arrays, tensor_content)
     return message_.SerializeToString(deterministic=True)  # map entries by key, whatever the process
 
 

@@ -54,9 +54,8 @@ def call_stub(stub, request: predict_pb2.PredictRequest, inputs: dict[str, np.nd
     fast = getattr(stub, "predict_arrays", None)
     if fast is not None:
         return fast(request, inputs, timeout)[1]
-    for alias, array in inputs.items():
-        # Numeric tensors travel as one buffer; strings as string_val (tensor_content cannot hold them).
-        request.inputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=True))
+    # Numeric tensors travel as one buffer; strings as string_val (tensor_content cannot hold them).
+    tensor_codec.put_arrays(request.inputs, inputs, tensor_content=True)
     response = stub.predict(request, timeout)
     return {alias: tensor_codec.to_ndarray(proto) for alias, proto in response.outputs.items()}
 

@@ -111,8 +111,7 @@ class DataPlane:
                 deadline: float | None = None) -> predict_pb2.PredictResponse:
         spec, outputs = self.predict_arrays(request, self.decode_inputs(request.inputs), deadline)
         response = predict_pb2.PredictResponse(model_spec=spec)
-        for alias, array in outputs.items():
-            response.outputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
+        tensor_codec.put_arrays(response.outputs, outputs, tensor_content)
         return response
 
     # ------------------------------------------------------------------------- Classify, Regress

@@ -77,8 +77,7 @@ def build_job(protocol: str, target: str, model: str, signature: str, inputs: di
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         request.model_spec.signature_name = signature
-        for alias, array in inputs.items():
-            request.inputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=tensor_content))
+        tensor_codec.put_arrays(request.inputs, inputs, tensor_content)
         metadata = (("x-remote-predict-tensor-encoding", "tensor_content"),) if tensor_content else ()
         return grpc_job(target, f"/{PREDICTION_SERVICE}/Predict", request.SerializeToString(), metadata, timeout)
     body = json_codec.encode_columnar_request(signature, inputs).encode("utf-8")

@@ -84,6 +84,5 @@ class InProcessStub:
         bare = predict_pb2.PredictRequest(model_spec=request.model_spec, output_filter=request.output_filter)
         spec, outputs = self.predict_arrays(bare, inputs, timeout)
         response = predict_pb2.PredictResponse(model_spec=spec)
-        for alias, array in outputs.items():
-            response.outputs[alias].CopyFrom(tensor_codec.from_ndarray(array, tensor_content=True))
+        tensor_codec.put_arrays(response.outputs, outputs, tensor_content=True)
         return response
