@@ -32,7 +32,7 @@ def test_cached_rows_are_the_rows_admitted_for_those_ids():
         asked += len(np.unique(ids))
         rows, _ = ask(cache, ids)
         assert np.array_equal(rows, table_rows(np.unique(ids)))  # never another id's row
-    assert len(cache.slot_of) == 100 and cache.nbytes == 100 * DIM * 4
+    assert len(cache.held()) == 100 and cache.nbytes == 100 * DIM * 4
     assert cache.stats.hits > 0 and cache.stats.hits + cache.stats.misses == asked
 
 
@@ -67,7 +67,7 @@ def test_resize_keeps_the_most_frequent_rows():
         for _ in range(repeat):
             ask(cache, ids)
     cache.resize(10)
-    assert sorted(cache.slot_of) == list(range(10)) and cache.nbytes == 10 * DIM * 4
+    assert sorted(cache.held()) == list(range(10)) and cache.nbytes == 10 * DIM * 4
     rows, hit = ask(cache, np.arange(10))
     assert hit.all() and np.array_equal(rows, table_rows(np.arange(10)))
 

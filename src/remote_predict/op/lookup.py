@@ -251,16 +251,16 @@ class LookupKernel:
             tables[t] = _Table(spec, shards, ids, cache)
         calls, placements = [], []
         for shard in range(shards):
+            ids, where = {}, {}
+            for t, table in tables.items():
+                where[t], ids[table.spec.name] = table.ids_for(shard)
+            if not any(len(v) for v in ids.values()):
+                continue  # the cache had every row this shard holds
             request = predict_pb2.PredictRequest()
             request.model_spec.name = config.models[shard]
             request.model_spec.signature_name = LOOKUP_SIGNATURE
             if config.version >= 0:
                 request.model_spec.version.value = config.version
-            ids, where = {}, {}
-            for t, table in tables.items():
-                where[t], ids[table.spec.name] = table.ids_for(shard)
-            if not any(len(v) for v in ids.values()):
-                continue
             request.output_filter.extend(ids)
             calls.append(fanout.Call(config.targets[shard], request, ids, shard=shard))
             placements.append((shard, where))
