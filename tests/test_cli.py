@@ -47,6 +47,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
      "--num_tflite_interpreters_per_pool=4: TF Serving's splitting of one request's batch over several TFLite "
      "interpreters is not implemented"),
     (["serve", "--model_base_path=/x", "--num_tflite_pools=-1"], 2, "--num_tflite_pools must be >= 0"),
+    (["serve", "--model_base_path=/x", "--grpc_max_threads=-1"], 2, "--grpc_max_threads must be >= 0"),
     (["serve", "--model_base_path=/x", "--remote_predict_hedge_percentile=100"], 2,
      "--remote_predict_hedge_percentile must be in [0, 100)"),
     (["frobnicate"], 2, "unknown command 'frobnicate'"),

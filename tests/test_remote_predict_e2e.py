@@ -1,6 +1,7 @@
 """RemotePredict end to end: real servers on loopback, real SavedModels, the official clients."""
 
 import contextlib
+import os
 import shutil
 import socket
 import threading
@@ -112,6 +113,7 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
     built = {"slow": models.fan_out(tmp_path / "slow" / "1", [leaf.address], deadline_ms=20000)}
     with serve_master(tmp_path, built, "--remote_predict_max_inflight_per_target=1",
                       "--grpc_max_threads=8") as master:
+        assert master.server.grpc_threads == 8  # the flag, when given, decides
         x = {"x": np.array([1.0], np.float32)}
         results: dict[str, object] = {}
 
@@ -132,6 +134,34 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
         assert list(results["first"].outputs["y"].float_val) == [1.0]
         # With the first call done, a call fits under the cap again.
         assert list(master.predict("slow", {**x, "delay_ms": np.int64(0)}).outputs["y"].float_val) == [1.0]
+
+
+def test_a_server_of_remote_calls_runs_more_requests_at_once_than_a_plain_one(leaf, tmp_path):
+    """--grpc_max_threads=0 (the default): 4 per CPU for plain models, as TF Serving; 16 per CPU for a server
+    whose models make remote calls, whose requests mostly wait (flags.request_threads)."""
+    cpus = os.cpu_count() or 1
+    assert (leaf.server.grpc_threads, leaf.server.rest_threads) == (4 * cpus, 4 * cpus)
+    waiting = 4 * cpus + 4  # more than TF Serving's default would run at once
+    sleepy = InProcessServer(f"--model_base_path={models.sleepy(tmp_path / 'sleepy' / '1').parent}",
+                             "--model_name=sleepy", f"--grpc_max_threads={2 * waiting}", rest=False)
+    built = {"slow": models.fan_out(tmp_path / "slow" / "1", [sleepy.address], deadline_ms=20000)}
+    with sleepy, serve_master(tmp_path, built) as master:
+        assert master.server.grpc_threads == 16 * cpus
+        answers: list[list[float]] = []
+
+        def call():
+            response = master.predict("slow", {"x": np.array([1.0], np.float32), "delay_ms": np.int64(1000)})
+            answers.append(list(response.outputs["y"].float_val))
+
+        threads = [threading.Thread(target=call) for _ in range(waiting)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: master.server.metrics.registry.get_sample_value(
+            "remote_predict_op_inflight_calls", {"target": sleepy.address}) == waiting, 10,
+            f"{waiting} requests' remote calls in flight at once")
+        for thread in threads:
+            thread.join()
+        assert answers == [[1.0]] * waiting
 
 
 def test_fan_out_runs_the_calls_concurrently(tmp_path):

@@ -28,7 +28,7 @@ class ServerOptions:
     port: int = 8500
     grpc_socket_path: str = ""
     rest_api_port: int = 0
-    rest_api_num_threads: int = 4 * _CPUS
+    rest_api_num_threads: int = 0  # 0: request_threads() decides
     rest_api_timeout_in_ms: int = 30000
     rest_api_enable_cors_support: bool = False
     enable_batching: bool = False
@@ -50,7 +50,7 @@ class ServerOptions:
     ssl_config_file: str = ""
     saved_model_tags: str = "serve"
     grpc_channel_arguments: str = ""
-    grpc_max_threads: int = 4 * _CPUS
+    grpc_max_threads: int = 0  # 0: request_threads() decides
     enable_model_warmup: bool = True
     monitoring_config_file: str = ""
     prefer_tflite_model: bool = False
@@ -82,7 +82,7 @@ _HELP = {
     "port": "TCP port for the gRPC API",
     "grpc_socket_path": "if set, also serve gRPC on this UNIX socket path",
     "rest_api_port": "TCP port for the REST API (0: no REST API)",
-    "rest_api_num_threads": "threads that run REST requests",
+    "rest_api_num_threads": "threads that run REST requests (0: as --grpc_max_threads decides when 0)",
     "rest_api_timeout_in_ms": "timeout of a REST request in milliseconds (0: none)",
     "rest_api_enable_cors_support": "answer CORS preflight requests and add CORS headers",
     "enable_batching": "merge concurrent requests into batches",
@@ -106,7 +106,8 @@ _HELP = {
     "saved_model_tags": "comma-separated MetaGraphDef tags to load",
     "grpc_channel_arguments": "comma-separated gRPC server arguments, key=value",
     "grpc_max_threads": "threads that run gRPC requests: the most requests in progress at once, counting "
-                        "those waiting on RemotePredict calls or for a batch to fill",
+                        "those waiting on RemotePredict calls or for a batch to fill (0: 4 per CPU, TF Serving's "
+                        "default; 16 per CPU when a model loaded at start makes remote calls)",
     "enable_model_warmup": "replay assets.extra/tf_serving_warmup_requests when a version loads",
     "monitoring_config_file": "text-format MonitoringConfig file: Prometheus metrics on the REST port",
     "prefer_tflite_model": "serve a version directory's model.tflite (TensorFlow Lite) instead of its SavedModel; "
@@ -258,11 +259,12 @@ def validate(options: ServerOptions) -> None:
         raise FlagError("--monitoring_config_file serves metrics on the REST port: also give --rest_api_port")
     if options.batching_parameters_file and not options.enable_batching:
         raise FlagError("--batching_parameters_file needs --enable_batching")
-    positive = ("rest_api_num_threads", "grpc_max_threads", "remote_predict_threads", "rest_api_max_body_bytes",
-                "max_tensor_elements")
-    for name in positive:
+    for name in ("remote_predict_threads", "rest_api_max_body_bytes", "max_tensor_elements"):
         if getattr(options, name) <= 0:
             raise FlagError(f"--{name} must be positive")
+    for name in ("rest_api_num_threads", "grpc_max_threads"):
+        if getattr(options, name) < 0:
+            raise FlagError(f"--{name} must be >= 0")
     if options.num_tflite_pools < 0:
         raise FlagError("--num_tflite_pools must be >= 0")
     if options.remote_predict_max_inflight_per_target < 0:
@@ -275,6 +277,24 @@ def validate(options: ServerOptions) -> None:
         for argument in filter(None, getattr(options, name).split(",")):
             if "=" not in argument:
                 raise FlagError(f"--{name}: {argument!r} is not key=value")
+
+
+REQUEST_THREADS_PER_CPU = 4  # TF Serving's default for both request pools
+REMOTE_REQUEST_THREADS_PER_CPU = 16
+
+
+def request_threads(configured: int, remote_calls: bool, cpus: int = _CPUS) -> int:
+    """Threads of a request pool (gRPC or REST): the flag when given, else by what the server serves.
+
+    A request of a model that makes remote calls (a split master, a RemotePredict caller) spends most of
+    its time waiting on other servers, and the lookups of requests in flight together share one call per
+    shard (op/coalesce.py): with TF Serving's 4 per CPU, 32 clients of a 4-shard master on 2 CPUs got
+    8 requests in flight, and 16 per CPU cut the CPU per request by a third (master and shards together,
+    benchmarks/split_cost.py). A server of plain models keeps 4 per CPU: more threads only contend there.
+    """
+    if configured:
+        return configured
+    return cpus * (REMOTE_REQUEST_THREADS_PER_CPU if remote_calls else REQUEST_THREADS_PER_CPU)
 
 
 def parse_channel_arguments(text: str) -> list[tuple[str, object]]:

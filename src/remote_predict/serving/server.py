@@ -22,7 +22,7 @@ from remote_predict.op.stubs.inprocess_stub import register_local_server, unregi
 from remote_predict.serving import config as config_lib
 from remote_predict.serving import config_protos, grpc_api, rest_api, tcp_api
 from remote_predict.serving.data_plane import DataPlane
-from remote_predict.serving.flags import ServerOptions, channel_arguments, parse_channel_arguments
+from remote_predict.serving.flags import ServerOptions, channel_arguments, parse_channel_arguments, request_threads
 from remote_predict.serving.manager import ManagerOptions, ModelManager
 from remote_predict.serving.metrics import ServerMetrics
 from remote_predict.serving.servable import LoadOptions
@@ -114,6 +114,7 @@ class ModelServer:
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
         self.tcp_port: int | None = None
+        self.grpc_threads = self.rest_threads = 0  # the request pools' sizes, decided at start
         self.runtime: OpRuntime | None = None
         self.tracing: Tracing | None = None
         self.telemetry: Telemetry | None = None
@@ -193,6 +194,9 @@ class ModelServer:
                                     telemetry=self.telemetry)
         try:
             self.manager.start(configs)
+            remote_calls = any(servable.remote_ops for servable in self.manager.loaded_servables())
+            self.grpc_threads = request_threads(options.grpc_max_threads, remote_calls)
+            self.rest_threads = request_threads(options.rest_api_num_threads, remote_calls)
             self._start_grpc(credentials)
             if options.rest_api_port:
                 self._start_rest(metrics_path)
@@ -208,8 +212,9 @@ class ModelServer:
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             self._config_thread = threading.Thread(target=self._poll_config_file, name="config-poll", daemon=True)
             self._config_thread.start()
-        log.info("Serving models %s; gRPC on %s:%d%s%s", ", ".join(self.manager.model_names()), options.host,
-                 self.grpc_port, f", REST on {options.host}:{self.rest_port}" if self.rest_port else "",
+        log.info("Serving models %s; gRPC on %s:%d (%d threads)%s%s", ", ".join(self.manager.model_names()),
+                 options.host, self.grpc_port, self.grpc_threads,
+                 f", REST on {options.host}:{self.rest_port} ({self.rest_threads} threads)" if self.rest_port else "",
                  f", tcp on {options.host}:{self.tcp_port}" if self.tcp_port else "")
 
     def _start_tcp(self) -> None:
@@ -232,7 +237,7 @@ class ModelServer:
         options = self.options
         self._grpc_server, self._health = grpc_api.build_server(
             data_plane=self.data_plane, metrics=self.metrics, on_reload=self.reload,
-            max_threads=options.grpc_max_threads, channel_arguments=channel_arguments(options),
+            max_threads=self.grpc_threads, channel_arguments=channel_arguments(options),
             profiler=options.enable_profiler)
         address = f"{options.host}:{options.port}" if ":" not in options.host else f"[{options.host}]:{options.port}"
         try:
@@ -248,7 +253,7 @@ class ModelServer:
 
     def _start_rest(self, metrics_path: str | None) -> None:
         options = self.options
-        self._rest_executor = ThreadPoolExecutor(options.rest_api_num_threads, thread_name_prefix="rest")
+        self._rest_executor = ThreadPoolExecutor(self.rest_threads, thread_name_prefix="rest")
         api = rest_api.RestApi(self.data_plane, self.metrics, self._rest_executor, options.rest_api_timeout_in_ms,
                                metrics_path, options.rest_api_enable_cors_support, options.rest_api_max_body_bytes)
         self._rest = rest_api.RestServer(api, options.host, options.rest_api_port, options.drain_timeout_seconds)
