@@ -1,5 +1,7 @@
 """`remote-predict serve` as users run it: flags, config errors, UNIX sockets, signals and draining."""
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +94,17 @@ def test_tf_serving_config_file_unix_socket_and_sigterm(tmp_path):
         s.signal(signal.SIGTERM)
         assert s.proc.wait(30) == 0
         assert "Stopped" in s.output()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to run on fewer")
+def test_request_pools_are_sized_by_the_cpus_the_process_may_run_on():
+    """TF Serving's NumSchedulableCPUs: the affinity mask (a container's cpuset), not the host's CPUs."""
+    with ServerProcess(f"--model_base_path={HALF_PLUS_TWO}", "--model_name=half_plus_two",
+                       prefix=("taskset", "--cpu-list", "0")) as s:
+        assert s.predict("half_plus_two", {"x": np.array([[2.0]], np.float32)}).outputs["y"].float_val == [3.0]
+        started = next(line for line in s.output().splitlines() if "Serving models" in line)
+        assert re.search(r"gRPC on 127\.0\.0\.1:\d+ \(4 threads\), REST on 127\.0\.0\.1:\d+ \(4 threads\)",
+                         started), started
 
 
 def _tensor(value):

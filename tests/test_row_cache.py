@@ -32,7 +32,7 @@ def test_cached_rows_are_the_rows_admitted_for_those_ids():
         asked += len(np.unique(ids))
         rows, _ = ask(cache, ids)
         assert np.array_equal(rows, table_rows(np.unique(ids)))  # never another id's row
-    assert len(cache.held()) == 100 and cache.nbytes == 100 * DIM * 4
+    assert len(cache.held()) == 100 and cache.nbytes == row_cache.footprint(100, DIM * 4)
     assert cache.stats.hits > 0 and cache.stats.hits + cache.stats.misses == asked
 
 
@@ -67,9 +67,19 @@ def test_resize_keeps_the_most_frequent_rows():
         for _ in range(repeat):
             ask(cache, ids)
     cache.resize(10)
-    assert sorted(cache.held()) == list(range(10)) and cache.nbytes == 10 * DIM * 4
+    assert sorted(cache.held()) == list(range(10)) and cache.nbytes == row_cache.footprint(10, DIM * 4)
     rows, hit = ask(cache, np.arange(10))
     assert hit.all() and np.array_equal(rows, table_rows(np.arange(10)))
+
+
+def test_the_budget_counts_everything_a_cache_holds():
+    for row_bytes in (4, 128, 4096):
+        for budget in (0, 1_000, 65_536, 10_000_000):
+            capacity = row_cache.capacity_within(budget, row_bytes)
+            assert row_cache.footprint(capacity, row_bytes) <= budget or capacity == 0
+            assert row_cache.footprint(capacity + 1, row_bytes) > budget
+            cache = RowCache(row_bytes // 4, np.float32, capacity)
+            assert cache.nbytes == row_cache.footprint(capacity, row_bytes)  # what it says is what it holds
 
 
 def test_caches_share_one_budget_and_idle_ones_are_dropped(monkeypatch):
@@ -79,7 +89,9 @@ def test_caches_share_one_budget_and_idle_ones_are_dropped(monkeypatch):
     big = caches.get(("m", 1, "users"), DIM, np.float32, table_bytes=3_000)
     caches._checked = 0  # rebalance now
     caches.get(("m", 1, "items"), DIM, np.float32, 1_000)
-    assert small.nbytes + big.nbytes <= budget and big.capacity == 3 * small.capacity
+    for cache, share in ((small, budget // 4), (big, budget * 3 // 4)):  # shares in proportion to the tables
+        assert cache.nbytes <= share < row_cache.footprint(cache.capacity + 1, DIM * 4)  # the most that fits
+    assert small.nbytes + big.nbytes <= budget and big.capacity > 2 * small.capacity
     assert RowCaches(0).get(("m", 1, "items"), DIM, np.float32, 1_000) is None  # no budget, no cache
     clock = [1000.0]
     monkeypatch.setattr(row_cache.time, "monotonic", lambda: clock[0])
@@ -88,4 +100,4 @@ def test_caches_share_one_budget_and_idle_ones_are_dropped(monkeypatch):
     caches._checked = 0
     new = caches.get(("m", 2, "users"), DIM, np.float32, 3_000)  # version 2 after a roll-out
     assert [key for key, _ in caches.items()] == [("m", 2, "users")]  # version 1's caches are gone
-    assert new.nbytes <= budget and new.capacity == budget // (DIM * 4)
+    assert new.nbytes <= budget < row_cache.footprint(new.capacity + 1, DIM * 4)  # all the budget is its own

@@ -8,8 +8,8 @@ sorted array would need).
 Open addressing with linear probing, sized to at least twice the ids it may hold, so a search probes one
 or two positions on average: one numpy pass looks at the first four positions of every id's run, and the
 few ids whose run is longer are finished one by one (more passes of numpy over a handful of ids would cost
-more). A removed id leaves a marker that keeps later ids of its probe run
-reachable; when the markers fill a quarter of the table, it is rebuilt from the ids still held.
+more). A removed id leaves a marker that keeps later ids of its probe run reachable; when the markers
+fill a quarter of the table, it is rebuilt from the ids still held.
 """
 
 from __future__ import annotations
@@ -22,18 +22,35 @@ _WINDOW = np.arange(4)  # positions of a run searched for every id at once; the 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads consecutive ids over the table
 
 
+POSITION_BYTES = 8 + 4  # an int64 id and an int32 slot
+
+
+def _bits(capacity: int) -> int:
+    """log2 of the table's positions: at least twice the ids it may hold, at least 64."""
+    return max(6, (2 * max(0, capacity) - 1).bit_length())
+
+
+def footprint(capacity: int) -> int:
+    """Bytes an index for `capacity` ids holds."""
+    return (1 << _bits(capacity)) * POSITION_BYTES
+
+
 class IdIndex:
-    """ids (>= 0, distinct) -> slots (int64), for up to `capacity` ids at a time."""
+    """ids (>= 0, distinct) -> slots (< 2**31), for up to `capacity` ids at a time."""
 
     def __init__(self, capacity: int):
         self.capacity = max(0, capacity)
-        bits = max(6, (2 * self.capacity - 1).bit_length())
+        bits = _bits(self.capacity)
         self._shift = np.uint64(64 - bits)
         self._mask = (1 << bits) - 1
         self.keys = np.full(1 << bits, EMPTY, np.int64)
-        self.slots = np.zeros(1 << bits, np.int64)
+        self.slots = np.zeros(1 << bits, np.int32)
         self.size = 0
         self._removed = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.slots.nbytes
 
     def __len__(self) -> int:
         return self.size

@@ -11,7 +11,8 @@ reason. Rows come back from the shards exactly as stored, so a cached row is the
   a new row replaces the least frequent of a few sampled ones only if it is asked for more often.
 * **One budget per server.** Every cache of a runtime shares the budget, in proportion to its table's
   size; caches not used for `IDLE_SECONDS` (an unloaded version's) are dropped, and the others grow
-  into their room. The bytes held never exceed the budget.
+  into their room. The bytes held never exceed the budget, and they are all of them: the rows, each
+  slot's id, the id index and the sketch (for 128-byte rows, the last three add 50-95 %).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from remote_predict.op import id_index
 from remote_predict.op.id_index import IdIndex
 
 SKETCH_ROWS = 4
@@ -31,6 +33,25 @@ IDLE_SECONDS = 30.0
 _ONE = np.uint32(1)  # the sketch's own dtype
 _MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
                         np.uint64)[:SKETCH_ROWS, None]
+
+
+def _sketch_width(capacity: int) -> int:
+    """Counters per sketch row: about twice as many as the ids the cache holds, a power of two."""
+    return max(64, 1 << (max(1, 2 * capacity) - 1).bit_length())
+
+
+def footprint(capacity: int, row_bytes: int) -> int:
+    """Bytes a cache of `capacity` rows of `row_bytes` holds: rows, slots' ids, id index, sketch."""
+    return capacity * (row_bytes + 8) + id_index.footprint(capacity) + SKETCH_ROWS * 4 * _sketch_width(capacity)
+
+
+def capacity_within(budget: int, row_bytes: int) -> int:
+    """The most rows whose cache's footprint fits in `budget` bytes."""
+    low, high = 0, max(0, budget) // row_bytes + 1  # footprint(low) <= budget < footprint(high), or low == 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if footprint(middle, row_bytes) <= budget else (low, middle)
+    return low
 
 
 @dataclass
@@ -56,11 +77,12 @@ class RowCache:
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes
+        """Everything it holds (`footprint`)."""
+        return self.rows.nbytes + self.ids.nbytes + self.index.nbytes + self.sketch.nbytes
 
     def _size_sketch(self) -> None:
         """Counters for about twice as many ids as the cache holds (a fresh sketch when that changes)."""
-        width = max(64, 1 << (max(1, 2 * self.capacity) - 1).bit_length())
+        width = _sketch_width(self.capacity)
         if getattr(self, "width", None) != width:
             self.width = width
             self.sketch = np.zeros((SKETCH_ROWS, width), np.uint32)
@@ -192,7 +214,7 @@ class RowCaches:
             total = sum(self._weights.values())
             for k, c in self._caches.items():
                 share = self.budget * self._weights[k] / total
-                c.resize(int(share // (c.dim * c.dtype.itemsize)))
+                c.resize(capacity_within(int(share), c.dim * c.dtype.itemsize))
             return cache
 
     def items(self) -> list[tuple[tuple, RowCache]]:

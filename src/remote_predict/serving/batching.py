@@ -40,19 +40,18 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from remote_predict import tracing
 from remote_predict.errors import Code, ServingError, invalid_argument
 from remote_predict.serving import config as config_lib
-from remote_predict.serving import config_protos
+from remote_predict.serving import config_protos, flags
 from remote_predict.serving.servable import Servable, Signature, run_timeout_ms
 from remote_predict.serving.telemetry import Served, Telemetry, outcome
 
@@ -69,7 +68,7 @@ class BatchingOptions:
     max_batch_size: int = 1000
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10
-    num_batch_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    num_batch_threads: int = flags.SCHEDULABLE_CPUS
     allowed_batch_sizes: tuple[int, ...] = ()
     pad_variable_length_inputs: bool = False
     enable_large_batch_splitting: bool = False

@@ -10,7 +10,17 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
-_CPUS = os.cpu_count() or 1
+
+def _schedulable_cpus() -> int:
+    """The CPUs this process may run on, as TF Serving's defaults count them (its NumSchedulableCPUs: the
+    affinity mask, so a container's cpuset counts, not the host's CPUs)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+SCHEDULABLE_CPUS = _schedulable_cpus()
 
 
 def _bool(text: str) -> bool:
@@ -54,7 +64,7 @@ class ServerOptions:
     enable_model_warmup: bool = True
     monitoring_config_file: str = ""
     prefer_tflite_model: bool = False
-    num_tflite_pools: int = _CPUS
+    num_tflite_pools: int = SCHEDULABLE_CPUS
     enable_profiler: bool = True
     # --- remote-predict flags -----------------------------------------------------------------
     host: str = "0.0.0.0"
@@ -283,7 +293,7 @@ REQUEST_THREADS_PER_CPU = 4  # TF Serving's default for both request pools
 REMOTE_REQUEST_THREADS_PER_CPU = 16
 
 
-def request_threads(configured: int, remote_calls: bool, cpus: int = _CPUS) -> int:
+def request_threads(configured: int, remote_calls: bool, cpus: int = SCHEDULABLE_CPUS) -> int:
     """Threads of a request pool (gRPC or REST): the flag when given, else by what the server serves.
 
     A request of a model that makes remote calls (a split master, a RemotePredict caller) spends most of

@@ -147,7 +147,8 @@ class _CacheCollector:
             "evictions": CounterMetricFamily("remote_predict_lookup_cache_evictions", "Rows let go for hotter ones.",
                                              labels=labels),
         }
-        size = GaugeMetricFamily("remote_predict_lookup_cache_bytes", "Bytes the cache holds (its capacity).",
+        size = GaugeMetricFamily("remote_predict_lookup_cache_bytes",
+                                 "Bytes the cache holds at its capacity: rows, ids, index, sketch.",
                                  labels=labels)
         for (models, version, table), cache in self.runtime.row_caches.items():
             key = [f"{models[0].rsplit('_shard_', 1)[0]}/{table}", str(version)]
