@@ -20,9 +20,8 @@ EMPTY = -1  # a position never used since the last rebuild: a search stops here
 REMOVED = -2  # a position whose id was removed: a search goes on, an insert may reuse it
 _WINDOW = np.arange(4)  # positions of a run searched for every id at once; the rare longer runs one by one
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads consecutive ids over the table
-
-
-POSITION_BYTES = 8 + 4  # an int64 id and an int32 slot
+_KEY, _SLOT = np.dtype(np.int64), np.dtype(np.int32)
+POSITION_BYTES = _KEY.itemsize + _SLOT.itemsize
 
 
 def _bits(capacity: int) -> int:
@@ -43,8 +42,8 @@ class IdIndex:
         bits = _bits(self.capacity)
         self._shift = np.uint64(64 - bits)
         self._mask = (1 << bits) - 1
-        self.keys = np.full(1 << bits, EMPTY, np.int64)
-        self.slots = np.zeros(1 << bits, np.int32)
+        self.keys = np.full(1 << bits, EMPTY, _KEY)
+        self.slots = np.zeros(1 << bits, _SLOT)
         self.size = 0
         self._removed = 0
 
@@ -67,7 +66,7 @@ class IdIndex:
         first = stop.argmax(axis=1)
         rows = np.arange(len(ids))
         at = window[rows, first]
-        found = np.where(self.keys[at] == ids, at, -1)
+        found = np.where(keys[rows, first] == ids, at, -1)
         table = self.keys
         for i in np.flatnonzero(~stop[rows, first]).tolist():  # runs longer than the window (a few %)
             wanted, at = ids.item(i), (home.item(i) + len(_WINDOW)) & self._mask

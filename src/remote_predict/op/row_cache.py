@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from remote_predict.op import id_index
-from remote_predict.op.id_index import IdIndex
 
 SKETCH_ROWS = 4
 AGE_EVERY = 10  # halve the sketch after this many additions per counter column, on average
 SAMPLES = 8  # victims compared per admission once full
 IDLE_SECONDS = 30.0
-_ONE = np.uint32(1)  # the sketch's own dtype
+_COUNTER = np.dtype(np.uint32)  # the sketch's counters
+_ONE = _COUNTER.type(1)  # in the counters' own dtype: np.add.at takes its slow path for a Python 1 (20x)
+_SLOT_ID = np.dtype(np.int64)  # the id each slot holds
 _MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
                         np.uint64)[:SKETCH_ROWS, None]
 
@@ -42,7 +43,8 @@ def _sketch_width(capacity: int) -> int:
 
 def footprint(capacity: int, row_bytes: int) -> int:
     """Bytes a cache of `capacity` rows of `row_bytes` holds: rows, slots' ids, id index, sketch."""
-    return capacity * (row_bytes + 8) + id_index.footprint(capacity) + SKETCH_ROWS * 4 * _sketch_width(capacity)
+    sketch = SKETCH_ROWS * _sketch_width(capacity) * _COUNTER.itemsize
+    return capacity * (row_bytes + _SLOT_ID.itemsize) + id_index.footprint(capacity) + sketch
 
 
 def capacity_within(budget: int, row_bytes: int) -> int:
@@ -68,8 +70,8 @@ class RowCache:
         self.dim, self.dtype = dim, np.dtype(dtype)
         self.capacity = max(0, capacity)
         self.rows = np.empty((self.capacity, dim), self.dtype)
-        self.ids = np.full(self.capacity, -1, np.int64)  # id held by each slot
-        self.index = IdIndex(self.capacity)  # slot of each id held
+        self.ids = np.full(self.capacity, -1, _SLOT_ID)  # id held by each slot
+        self.index = id_index.IdIndex(self.capacity)  # slot of each id held
         self._size_sketch()
         self.stats = CacheStats()
         self.lock = threading.Lock()
@@ -85,7 +87,7 @@ class RowCache:
         width = _sketch_width(self.capacity)
         if getattr(self, "width", None) != width:
             self.width = width
-            self.sketch = np.zeros((SKETCH_ROWS, width), np.uint32)
+            self.sketch = np.zeros((SKETCH_ROWS, width), _COUNTER)
             self._shift = np.uint64(64 - (width.bit_length() - 1))  # the top bits of a product: its best
             self._row_starts = (np.arange(SKETCH_ROWS) * width)[:, None]  # each row's cells in the flat sketch
             self.added = 0
@@ -96,7 +98,7 @@ class RowCache:
 
     def _count(self, ids: np.ndarray) -> None:
         """Add one to each id's counters (and age the sketch when it is due)."""
-        np.add.at(self.sketch.reshape(-1), self._cells(ids).reshape(-1), _ONE)  # (a Python 1: 20x slower)
+        np.add.at(self.sketch.reshape(-1), self._cells(ids).reshape(-1), _ONE)
         self.added += len(ids)
         if self.added >= AGE_EVERY * self.width:
             self.sketch >>= 1
@@ -169,9 +171,9 @@ class RowCache:
             rows = np.empty((capacity, self.dim), self.dtype)
             rows[:len(held)] = self.rows[slots]
             self.rows, self.capacity = rows, capacity
-            self.ids = np.full(capacity, -1, np.int64)
+            self.ids = np.full(capacity, -1, _SLOT_ID)
             self.ids[:len(held)] = held
-            self.index = IdIndex(capacity)
+            self.index = id_index.IdIndex(capacity)
             self.index.insert(held, np.arange(len(held)))
             self._size_sketch()
 
