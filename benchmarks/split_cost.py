@@ -1,6 +1,6 @@
 """What does a split model cost per request, against the same model unsplit? (issue 10's benchmark)
 
-    .venv/bin/python benchmarks/split_cost.py                 # the full run (about 15 minutes on 2 CPUs)
+    .venv/bin/python benchmarks/split_cost.py                 # the full run (about 10 minutes on 2 CPUs)
     .venv/bin/python benchmarks/split_cost.py --quick         # a reduced run (about 3 minutes)
     .venv/bin/python benchmarks/split_cost.py --write benchmarks/RESULTS.md   # also record the figures
 
@@ -14,12 +14,15 @@ The workload: 16 users x 10 items per request, ids drawn from a Zipf distributio
 over a random permutation of each table, a pool of requests sent in turn. Each round sends the same
 requests to the unsplit model and to the split one, one after the other (rounds interleaved, because
 this machine's speed drifts); sequential rounds (one client, --requests requests) and loaded rounds
-(--concurrency closed-loop clients for --seconds). Every answer is compared with the unsplit model's,
-byte for byte (any difference is counted WRONG).
+(--concurrency closed-loop clients for --seconds, after a second of warm-up load that is not measured).
+Every answer is compared with the unsplit model's, byte for byte (any difference is counted WRONG).
 
 Figures: p50/p99 latency at the client; CPU per request from the server processes' own CPU time
-(user + system, every thread), master and shards apart; for the split, the ratios against the unsplit
-model measured in the same round (median over rounds); with a cache, the share of rows the cache served.
+(user + system, every thread, over exactly the requests counted), master and shards apart; for the
+split, the ratios against the unsplit model measured in the same round (median over rounds), the calls
+the master made to shard servers per request (one per shard server sequentially; fewer under load,
+where concurrent lookups are merged) and what each call cost the shards; with a cache, the share of
+rows the cache served.
 Timing is never asserted: this prints.
 """
 
@@ -47,6 +50,7 @@ from results_file import command_line, write_region  # noqa: E402
 USERS_PER_REQUEST, ITEMS_PER_USER = 16, 10
 ZIPF_A = 1.1
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
+OP_CALLS = "remote_predict_op_calls_total"  # the master's calls to shard servers, by target and code
 TARGETS = {
     "seq_p50": ("sequential split p50 <= 2x unsplit", 2.0),
     "seq_cpu": ("sequential split CPU/request <= 3x unsplit", 3.0),
@@ -113,30 +117,40 @@ def cpu_seconds(processes: list[ServerProcess]) -> list[float]:
     return out
 
 
+def metric_total(server: ServerProcess, name: str) -> float:
+    """The sum of a counter over all its labels, from the server's metrics."""
+    _, text = server.get("/monitoring/prometheus/metrics")
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def cache_counts(master: ServerProcess) -> tuple[float, float]:
     """(rows the master's cache served, rows fetched from shards), from its metrics."""
-    _, text = master.get("/monitoring/prometheus/metrics")
-    hits = misses = 0.0
-    for line in text.splitlines():
-        if line.startswith("remote_predict_lookup_cache_hits_total"):
-            hits += float(line.split()[-1])
-        elif line.startswith("remote_predict_lookup_cache_misses_total"):
-            misses += float(line.split()[-1])
-    return hits, misses
+    return (metric_total(master, "remote_predict_lookup_cache_hits_total"),
+            metric_total(master, "remote_predict_lookup_cache_misses_total"))
 
 
 def measure(load: LoadGenerator, servers: list[ServerProcess], job: dict, concurrency: int, requests: int,
-            seconds: float) -> dict:
+            seconds: float, master: ServerProcess | None = None) -> dict:
+    """One round. CPU is read over exactly the requests counted: a loaded round is warmed up by a run of
+    its own first (connections made, pools grown), not inside the measured one. With `master`, also the
+    shard calls it made per request (under load, fewer than one per shard: lookups are merged). Errors
+    (and wrong answers) count in the warm-up too."""
+    errors: dict[str, int] = {}
+    if concurrency > 1:
+        errors = dict(load.run(job, concurrency=concurrency, duration=1.0, warmup=0.0).errors)
+    calls_before = metric_total(master, OP_CALLS) if master is not None else 0.0
     before = cpu_seconds(servers)
     if concurrency == 1:
         result = load.run(job, concurrency=1, duration=3600, warmup=0.0, max_requests=requests)
     else:
-        result = load.run(job, concurrency=concurrency, duration=seconds, warmup=1.0)
+        result = load.run(job, concurrency=concurrency, duration=seconds, warmup=0.0)
     after = cpu_seconds(servers)
     done = max(1, result.requests)
     cpu_ms = [1000 * (a - b) / done for a, b in zip(after, before, strict=True)]
+    calls = (metric_total(master, OP_CALLS) - calls_before) / done if master is not None else 0.0
     return {"p50": result.p50_ms, "p99": result.p99_ms, "rps": result.rps, "requests": result.requests,
-            "errors": dict(result.errors), "cpu_ms": cpu_ms}
+            "errors": {code: errors.get(code, 0) + result.errors.get(code, 0) for code in {*errors, *result.errors}},
+            "cpu_ms": cpu_ms, "calls": calls}
 
 
 def run(args) -> list[str]:
@@ -185,12 +199,14 @@ def run(args) -> list[str]:
                     hits0, misses0 = cache_counts(master)
                     for name, concurrency in (("seq", 1), ("load", args.concurrency)):
                         for _ in range(args.rounds):
-                            for which, address, processes in (("unsplit", unsplit.address, [unsplit]),
-                                                              ("split", master.address, [master, *shard_servers])):
+                            for which, address, processes, calling in (
+                                    ("unsplit", unsplit.address, [unsplit], None),
+                                    ("split", master.address, [master, *shard_servers], master)):
                                 job = grpc_job(address, PREDICT, bodies[0], timeout=30)
                                 job["bodies_b64"] = [grpc_job("", "", b)["body_b64"] for b in bodies]
                                 job["expected_b64"] = [grpc_job("", "", b)["body_b64"] for b in expected]
-                                outcome = measure(load, processes, job, concurrency, args.requests, args.seconds)
+                                outcome = measure(load, processes, job, concurrency, args.requests, args.seconds,
+                                                  master=calling)
                                 results.setdefault((shards, cache, name, which), []).append(outcome)
                     hits, misses = cache_counts(master)
                     saved = (hits - hits0) / max(1.0, hits - hits0 + misses - misses0)
@@ -216,8 +232,9 @@ def report(args, results: dict, rows_per_request: int) -> list[str]:
              f"Zipf a = {ZIPF_A}; {args.rounds} interleaved rounds; sequential: {args.requests} requests, loaded: "
              f"{args.concurrency} clients for {args.seconds:g} s. Medians over rounds.", ""]
     header = ("| shards | cache | mode | unsplit p50 / p99 ms | split p50 / p99 ms | p50 ratio | unsplit CPU ms/req "
-              "| split CPU ms/req (master + shards) | CPU ratio | split req/s | rows from cache | errors |")
-    lines += [header, "|---" * 12 + "|"]
+              "| split CPU ms/req (master + shards) | CPU ratio | shard calls/req | shards' CPU ms/call | split req/s "
+              "| rows from cache | errors |")
+    lines += [header, "|---" * 14 + "|"]
     master_cpu: dict[tuple, float] = {}
     verdicts = []
     for shards in args.shards:
@@ -229,6 +246,8 @@ def report(args, results: dict, rows_per_request: int) -> list[str]:
                 ratios_cpu = [sum(s["cpu_ms"]) / u["cpu_ms"][0] for s, u in zip(sp, un, strict=True)]
                 m_cpu = _median(sp, "cpu_ms", 0)
                 shards_cpu = statistics.median(sum(s["cpu_ms"][1:]) for s in sp)
+                calls = _median(sp, "calls")
+                per_call = statistics.median([sum(s["cpu_ms"][1:]) / s["calls"] for s in sp if s["calls"]] or [0.0])
                 errors: dict[str, int] = {}
                 for o in sp + un:
                     for code, n in o["errors"].items():
@@ -239,7 +258,7 @@ def report(args, results: dict, rows_per_request: int) -> list[str]:
                     f"{_median(un, 'p50'):.2f} / {_median(un, 'p99'):.2f} | {_median(sp, 'p50'):.2f} / "
                     f"{_median(sp, 'p99'):.2f} | {statistics.median(ratios_p50):.2f}x | "
                     f"{_median(un, 'cpu_ms', 0):.2f} | {m_cpu + shards_cpu:.2f} ({m_cpu:.2f} + {shards_cpu:.2f}) | "
-                    f"{statistics.median(ratios_cpu):.2f}x | "
+                    f"{statistics.median(ratios_cpu):.2f}x | {calls:.2f} | {per_call:.2f} | "
                     f"{_median(sp, 'rps'):.0f} | {saved:.0%} | {errors or 0} |")
                 master_cpu[(shards, cache, mode)] = m_cpu
                 if cache == 0:
