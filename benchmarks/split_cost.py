@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -50,6 +51,7 @@ from results_file import command_line, write_region  # noqa: E402
 USERS_PER_REQUEST, ITEMS_PER_USER = 16, 10
 ZIPF_A = 1.1
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
+METRICS = "/monitoring/prometheus/metrics"
 OP_CALLS = "remote_predict_op_calls_total"  # the master's calls to shard servers, by target and code
 TARGETS = {
     "seq_p50": ("sequential split p50 <= 2x unsplit", 2.0),
@@ -118,9 +120,11 @@ def cpu_seconds(processes: list[ServerProcess]) -> list[float]:
 
 
 def metric_total(server: ServerProcess, name: str) -> float:
-    """The sum of a counter over all its labels, from the server's metrics."""
-    _, text = server.get("/monitoring/prometheus/metrics")
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+    """The sum of a sample (`name`, as exposed: a counter's `_total`) over all its labels, from the server's
+    metrics."""
+    _, text = server.get(METRICS)
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name)
 
 
 def cache_counts(master: ServerProcess) -> tuple[float, float]:
@@ -162,7 +166,7 @@ def run(args) -> list[str]:
     bodies = request_pool(args.pool, args.users, args.items)
     rows_per_request = USERS_PER_REQUEST * (1 + ITEMS_PER_USER)
     monitoring = work / "monitoring.txt"
-    monitoring.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
+    monitoring.write_text(f'prometheus_config {{ enable: true path: "{METRICS}" }}\n')
     lines = []
     unsplit = None
     results: dict[tuple, list[dict]] = {}

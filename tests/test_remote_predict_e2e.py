@@ -139,7 +139,7 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
 def test_a_server_of_remote_calls_runs_more_requests_at_once_than_a_plain_one(leaf, tmp_path):
     """--grpc_max_threads=0 (the default): 4 per CPU for plain models, as TF Serving; 16 per CPU for a server
     whose models make remote calls, whose requests mostly wait (flags.request_threads)."""
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0))  # as the server counts them (a container's cpuset)
     assert (leaf.server.grpc_threads, leaf.server.rest_threads) == (4 * cpus, 4 * cpus)
     waiting = 4 * cpus + 4  # more than TF Serving's default would run at once
     sleepy = InProcessServer(f"--model_base_path={models.sleepy(tmp_path / 'sleepy' / '1').parent}",
