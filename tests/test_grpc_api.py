@@ -58,6 +58,14 @@ def test_predict_half_plus_two_answers_like_tf_serving(server):
     assert response.model_spec.signature_name == "serving_default"
 
 
+def test_a_call_without_a_deadline_is_answered(server):
+    """The official client's calls without a timeout (as many clients make them) carry no gRPC deadline."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "half_plus_two"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[2.0]], np.float32)))
+    assert server.prediction().Predict(request).outputs["y"].float_val[0] == 3.0  # no timeout given
+
+
 def test_predict_accepts_rank_one_input_for_rank_two_signature(server):
     response = server.predict("half_plus_two", {"x": np.array([2.0, 3.0, 4.0], np.float32)})
     np.testing.assert_array_equal(tf.make_ndarray(response.outputs["y"]), [3.0, 3.5, 4.0])

@@ -41,6 +41,8 @@ from remote_predict.serving.profiler import profiler_handler
 from remote_predict.serving.telemetry import Served
 
 log = logging.getLogger(__name__)
+
+NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600.0  # see deadline_of
 T = TypeVar("T")
 _GRPC_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -94,9 +96,15 @@ def _wants_tensor_content(metadata) -> bool:
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
-    """The call's gRPC deadline as a time.monotonic() value (None: the client set none)."""
+    """The call's gRPC deadline as a time.monotonic() value (None: the client set none).
+
+    grpcio reports a call without a deadline as one due in the far future (gRPC's infinite deadline, some
+    3e11 years away), not as None: taken as it is, the Session's timeout overflowed its int64 and every
+    such call failed INTERNAL. A deadline further than `NO_DEADLINE_SECONDS` away is no deadline."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return time.monotonic() + remaining
 
 
 def trace_metadata(metadata) -> dict[str, str]:
