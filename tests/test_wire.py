@@ -76,6 +76,18 @@ def test_small_messages_encode_the_same_in_every_process():
     assert forward == backward
 
 
+def test_each_tensor_is_written_as_the_generated_classes_write_it():
+    """Byte for byte, for every kind of tensor (empty, scalar, half, bool, strings), one output at a time (with
+    several, entries are in key order, which the generated classes' deterministic order differs from only
+    for keys that are prefixes of others)."""
+    spec = request_with({}, True).model_spec
+    for alias, array in SMALL.items():
+        expected = predict_pb2.PredictResponse(model_spec=spec)
+        tensor_codec.put_arrays(expected.outputs, {alias: array}, tensor_content=True)
+        assert wire.encode_predict_response(spec, {alias: array}, tensor_content=True) == \
+            expected.SerializeToString(deterministic=True), alias
+
+
 @pytest.mark.parametrize("mutate", [
     lambda d: d[: len(d) // 2],  # truncated
     lambda d: d + b"\x0f",  # an invalid wire type

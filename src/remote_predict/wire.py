@@ -3,11 +3,13 @@
 The generated protobuf classes copy a `tensor_content` buffer several times on its way between the
 socket and numpy (parse into the message, read the field into `bytes`, convert; and the same in
 reverse). For large messages this module reads the map entries straight out of the received bytes
-(`np.frombuffer` on a slice: no copy) and writes answers with one `join`. Everything else in the
-message (model_spec, output_filter, typed-value tensors, unknown fields) still goes through the
-generated classes, so the result is exactly what they would produce. Small messages, both ways, use
-the generated classes alone: they are faster there (a lookup's request or answer of a few KiB encodes
-in about half the time: the field-by-field path below costs tens of microseconds of Python).
+(`np.frombuffer` on a slice: no copy). Requests and answers are written here, at every size: a numeric
+tensor is a few bytes of head (dtype, shape, the content's key and length) and a view of the array, joined
+once into the message, entries in key order (the same bytes in every process). That is also faster than
+the generated classes for a lookup's few KiB (12 against 14-16 us for a shard's request, 16 against 19-25 us
+for its answer of 44 rows, on the machine of benchmarks/RESULTS.md), because it builds no TensorProto.
+Everything else in the message (model_spec, output_filter, string and typed-value tensors, unknown fields)
+still goes through the generated classes, so the result parses to exactly what they would produce.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_VERSION, _TENSOR_CONTENT = 1, 2, 3, 4
 _SHAPE_DIM, _SHAPE_UNKNOWN_RANK = 2, 3
 _DIM_SIZE = 1
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]  # varints below 128, made once
+_DTYPE_KEY = bytes(((_TENSOR_DTYPE << 3) | _VARINT,))
+_DIM_SIZE_KEY = bytes(((_DIM_SIZE << 3) | _VARINT,))
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -183,48 +190,47 @@ def decode_predict_response(data: bytes) -> tuple[model_pb2.ModelSpec, dict[str,
     return _parse(predict_pb2.PredictResponse, rest).model_spec, outputs
 
 
-def _length_delimited(number: int, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    return [_varint((number << 3) | _LENGTH_DELIMITED), _varint(size), *parts]
+def _key(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited field of `size` bytes."""
+    return _varint((number << 3) | _LENGTH_DELIMITED) + _varint(size)
+
+
+def _shape(shape: Sequence[int]) -> bytes:
+    """A TensorShapeProto: one `dim` per dimension (a size of 0 is the default, so not written)."""
+    dims = [_DIM_SIZE_KEY + _varint(d) if d else b"" for d in shape]
+    return b"".join(_key(_SHAPE_DIM, len(d)) + d for d in dims)
 
 
 def _tensor_parts(array: np.ndarray, tensor_content: bool) -> list[bytes | memoryview]:
-    if not tensor_content or array.dtype.kind in "OSU" or array.nbytes < 1024:
+    """A TensorProto: numeric arrays with `tensor_content` as a head and a view of the array's buffer (the one
+    copy is the final join); anything else through the generated class."""
+    if not tensor_content or array.dtype.kind in "OSU":
         return [tensor_codec.from_ndarray(array, tensor_content=tensor_content).SerializeToString()]
     dtype = tensor_codec.tf_dtype_of(array)
-    array = np.ascontiguousarray(array)
-    shape = tensor_codec.shape_proto(array.shape).SerializeToString()
-    head = _varint((_TENSOR_DTYPE << 3) | _VARINT) + _varint(dtype)
-    return [head, *_length_delimited(_TENSOR_SHAPE, [shape]),
-            *_length_delimited(_TENSOR_CONTENT, [memoryview(array).cast("B")])]
+    shape = _shape(array.shape)
+    head = _DTYPE_KEY + _varint(dtype) + _key(_TENSOR_SHAPE, len(shape)) + shape
+    size = array.nbytes
+    if not size:
+        return [head]
+    return [head + _key(_TENSOR_CONTENT, size), memoryview(np.ascontiguousarray(array)).cast("B")]
 
 
 def _map_entries(number: int, tensors: Mapping[str, np.ndarray], tensor_content: bool) -> list[bytes | memoryview]:
+    """Field `number`, a map<string, TensorProto>, one entry per tensor, in key order: the same bytes in every
+    process (the generated classes' deterministic order differs only where a key is a prefix of another)."""
     parts: list[bytes | memoryview] = []
-    for key, array in tensors.items():
-        name = key.encode("utf-8")
-        entry = [*_length_delimited(_ENTRY_KEY, [name]),
-                 *_length_delimited(_ENTRY_VALUE, _tensor_parts(np.asarray(array), tensor_content))]
-        parts += _length_delimited(number, entry)
+    for alias in sorted(tensors):
+        name = alias.encode("utf-8")
+        tensor = _tensor_parts(np.asarray(tensors[alias]), tensor_content)
+        size = sum(len(p) for p in tensor)
+        head = _key(_ENTRY_KEY, len(name)) + name + _key(_ENTRY_VALUE, size)
+        parts += [_key(number, len(head) + size) + head, *tensor]
     return parts
-
-
-def _small(arrays: Mapping[str, np.ndarray]) -> bool:
-    return sum(np.asarray(a).nbytes for a in arrays.values()) < LARGE_MESSAGE_BYTES
-
-
-def _with_tensors(message_, tensors, arrays: Mapping[str, np.ndarray], tensor_content: bool) -> bytes:
-    tensor_codec.put_arrays(tensors, arrays, tensor_content)
-    return message_.SerializeToString(deterministic=True)  # map entries by key, whatever the process
 
 
 def encode_predict_request(request_without_inputs: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray]
                            ) -> bytes:
     """Numeric inputs as tensor_content; one copy of each buffer, into the message."""
-    if _small(inputs):
-        request = predict_pb2.PredictRequest()
-        request.CopyFrom(request_without_inputs)
-        return _with_tensors(request, request.inputs, inputs, tensor_content=True)
     return b"".join([request_without_inputs.SerializeToString(),
                      *_map_entries(_REQUEST_INPUTS, inputs, tensor_content=True)])
 
@@ -232,8 +238,6 @@ def encode_predict_request(request_without_inputs: predict_pb2.PredictRequest, i
 def encode_predict_response(model_spec: model_pb2.ModelSpec, outputs: Mapping[str, np.ndarray],
                             tensor_content: bool) -> bytes:
     """A PredictResponse; with `tensor_content`, numeric outputs are copied once, into the message."""
-    if _small(outputs):
-        response = predict_pb2.PredictResponse(model_spec=model_spec)
-        return _with_tensors(response, response.outputs, outputs, tensor_content)
-    return b"".join([*_map_entries(_RESPONSE_OUTPUTS, outputs, tensor_content),
-                     *_length_delimited(_RESPONSE_MODEL_SPEC, [model_spec.SerializeToString()])])
+    spec = model_spec.SerializeToString()
+    return b"".join([*_map_entries(_RESPONSE_OUTPUTS, outputs, tensor_content), _key(_RESPONSE_MODEL_SPEC, len(spec)),
+                     spec])

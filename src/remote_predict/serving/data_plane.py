@@ -11,6 +11,7 @@ span and times its stages the same way for every protocol; the methods here take
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -89,11 +90,14 @@ class DataPlane:
         if served is not None:
             served.identify(handle.name, handle.version, signature.key)
         aliases = check_predict_request(signature, inputs, output_filter)
-        with request_context.scope(deadline):
-            if self.batcher is not None:
-                return self.batcher.run(handle.servable, signature, inputs, aliases, deadline=deadline, served=served)
-            with self.telemetry.running(served):
-                return handle.servable.run(signature, inputs, aliases, servable_lib.run_timeout_ms(deadline))
+        servable = handle.servable
+        if self.batcher is not None:
+            with request_context.scope(deadline):
+                return self.batcher.run(servable, signature, inputs, aliases, deadline=deadline, served=served)
+        # Only remote calls read the request's deadline from its context; a run without them needs none.
+        scope = request_context.scope(deadline) if servable.remote_ops else contextlib.nullcontext()
+        with scope, self.telemetry.running(served):
+            return servable.run(signature, inputs, aliases, servable_lib.run_timeout_ms(deadline))
 
     def predict_arrays(
         self, request: predict_pb2.PredictRequest, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
