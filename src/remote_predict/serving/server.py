@@ -153,7 +153,7 @@ class ModelServer:
         options = self.options
         _configure_tensorflow(options)
         self.tracing = tracing_for(options)
-        self.telemetry = Telemetry(self.metrics.stages, self.tracing)
+        self.telemetry = Telemetry(self.metrics.stage_children, self.tracing)
         self.runtime = op_runtime(options, self.tracing)
         self.metrics.observe_runtime(self.runtime)
         try:

@@ -124,9 +124,8 @@ class Telemetry:
     """Owns the server's per-request recording: its stage histogram and (when on) its tracer."""
 
     def __init__(self, stage_histogram=None, tracing: Tracing | None = None):
-        self.stage_histogram = stage_histogram  # labels (model, stage); None: not recorded
+        self.stage_histogram = stage_histogram  # (model, stage) -> its histogram child; None: not recorded
         self.tracing = tracing
-        self._children: dict[tuple[str, str], object] = {}
 
     def serve(self, api: str, protocol: str, metadata: Mapping[str, str] | None = None) -> Served:
         """Serve one request: `metadata` is its W3C trace context (None: the enclosing request's, for calls
@@ -146,11 +145,7 @@ class Telemetry:
             seconds = getattr(stages, stage)
             if seconds is None:
                 continue
-            child = self._children.get((served.model, stage))
-            if child is None:
-                child = self._children.setdefault((served.model, stage),
-                                                  self.stage_histogram.labels(served.model, stage))
-            child.observe(seconds, exemplar)
+            self.stage_histogram(served.model, stage).observe(seconds, exemplar)
 
     # ------------------------------------------------------------------- stages within a request
 
