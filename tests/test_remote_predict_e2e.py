@@ -1,7 +1,6 @@
 """RemotePredict end to end: real servers on loopback, real SavedModels, the official clients."""
 
 import contextlib
-import os
 import shutil
 import socket
 import threading
@@ -18,6 +17,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 import models
 from helpers import HALF_PLUS_TWO, REPO, InProcessServer, ServerProcess, free_port, wait_until, write_config
 from remote_predict.op.config import OpConfig
+from remote_predict.serving.cpus import budget
 from remote_predict.tools import export
 
 
@@ -139,7 +139,7 @@ def test_max_inflight_per_target_refuses_calls_over_the_cap(leaf, tmp_path):
 def test_a_server_of_remote_calls_runs_more_requests_at_once_than_a_plain_one(leaf, tmp_path):
     """--grpc_max_threads=0 (the default): 4 per CPU for plain models, as TF Serving; 16 per CPU for a server
     whose models make remote calls, whose requests mostly wait (flags.request_threads)."""
-    cpus = len(os.sched_getaffinity(0))  # as the server counts them (a container's cpuset)
+    cpus = budget().cpus  # as the server counts them (a container's cpuset and CPU quota)
     assert (leaf.server.grpc_threads, leaf.server.rest_threads) == (4 * cpus, 4 * cpus)
     waiting = 4 * cpus + 4  # more than TF Serving's default would run at once
     sleepy = InProcessServer(f"--model_base_path={models.sleepy(tmp_path / 'sleepy' / '1').parent}",

@@ -68,7 +68,7 @@ class BatchingOptions:
     max_batch_size: int = 1000
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10
-    num_batch_threads: int = flags.SCHEDULABLE_CPUS
+    num_batch_threads: int = flags.CPUS
     allowed_batch_sizes: tuple[int, ...] = ()
     pad_variable_length_inputs: bool = False
     enable_large_batch_splitting: bool = False

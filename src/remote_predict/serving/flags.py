@@ -7,20 +7,11 @@ never silently ignored. Flags of our own are marked "(remote-predict)" in `--hel
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, fields
 
+from remote_predict.serving.cpus import BUDGET
 
-def _schedulable_cpus() -> int:
-    """The CPUs this process may run on, as TF Serving's defaults count them (its NumSchedulableCPUs: the
-    affinity mask, so a container's cpuset counts, not the host's CPUs)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-SCHEDULABLE_CPUS = _schedulable_cpus()
+CPUS = BUDGET.cpus  # what the pools are sized for: see cpus.py (a container's CPU quota counts)
 
 
 def _bool(text: str) -> bool:
@@ -64,7 +55,7 @@ class ServerOptions:
     enable_model_warmup: bool = True
     monitoring_config_file: str = ""
     prefer_tflite_model: bool = False
-    num_tflite_pools: int = SCHEDULABLE_CPUS
+    num_tflite_pools: int = CPUS
     enable_profiler: bool = True
     # --- remote-predict flags -----------------------------------------------------------------
     host: str = "0.0.0.0"
@@ -109,9 +100,10 @@ _HELP = {
     "load_retry_interval_micros": "wait between load retries, in microseconds",
     "file_system_poll_wait_seconds": "look for new model versions this often (0: only at start)",
     "flush_filesystem_caches": "accepted for compatibility (this server keeps no file system caches)",
-    "tensorflow_session_parallelism": "threads of both TF pools when the two flags below are 0 (0: auto)",
-    "tensorflow_intra_op_parallelism": "TF intra-op threads (0: auto)",
-    "tensorflow_inter_op_parallelism": "TF inter-op threads (0: auto)",
+    "tensorflow_session_parallelism": "threads of both TF pools when the two flags below are 0 (0: one per CPU, "
+                                      "counting a CPU quota)",
+    "tensorflow_intra_op_parallelism": "TF intra-op threads (0: one per CPU, counting a CPU quota)",
+    "tensorflow_inter_op_parallelism": "TF inter-op threads (0: one per CPU, counting a CPU quota)",
     "ssl_config_file": "text-format SSLConfig file: serve gRPC over TLS",
     "saved_model_tags": "comma-separated MetaGraphDef tags to load",
     "grpc_channel_arguments": "comma-separated gRPC server arguments, key=value",
@@ -293,7 +285,7 @@ REQUEST_THREADS_PER_CPU = 4  # TF Serving's default for both request pools
 REMOTE_REQUEST_THREADS_PER_CPU = 16
 
 
-def request_threads(configured: int, remote_calls: bool, cpus: int = SCHEDULABLE_CPUS) -> int:
+def request_threads(configured: int, remote_calls: bool, cpus: int = CPUS) -> int:
     """Threads of a request pool (gRPC or REST): the flag when given, else by what the server serves.
 
     A request of a model that makes remote calls (a split master, a RemotePredict caller) spends most of

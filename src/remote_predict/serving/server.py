@@ -21,6 +21,7 @@ from remote_predict.op.stubs import StubError
 from remote_predict.op.stubs.inprocess_stub import register_local_server, unregister_local_server
 from remote_predict.serving import config as config_lib
 from remote_predict.serving import config_protos, grpc_api, rest_api, tcp_api
+from remote_predict.serving.cpus import BUDGET
 from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.flags import ServerOptions, channel_arguments, parse_channel_arguments, request_threads
 from remote_predict.serving.manager import ManagerOptions, ModelManager
@@ -33,9 +34,16 @@ from remote_predict.tracing import Tracing
 log = logging.getLogger(__name__)
 
 
+def tensorflow_threads(options: ServerOptions) -> tuple[int, int]:
+    """(intra-op, inter-op) threads: the flags, else one per CPU as counted in cpus.py. TensorFlow's own
+    default counts the affinity mask only, which sizes a CPU-limited container's pools for the whole node."""
+    intra = options.tensorflow_intra_op_parallelism or options.tensorflow_session_parallelism or BUDGET.cpus
+    inter = options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism or BUDGET.cpus
+    return intra, inter
+
+
 def _configure_tensorflow(options: ServerOptions) -> None:
-    intra = options.tensorflow_intra_op_parallelism or options.tensorflow_session_parallelism
-    inter = options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism
+    intra, inter = tensorflow_threads(options)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
@@ -164,10 +172,11 @@ class ModelServer:
         metrics_path = self._metrics_path()
         credentials = server_credentials(options.ssl_config_file) if options.ssl_config_file else None
         batcher = self._batcher()
+        intra, inter = tensorflow_threads(options)
         load_options = LoadOptions(
             tags=tuple(t.strip() for t in options.saved_model_tags.split(",") if t.strip()),
-            intra_op_threads=options.tensorflow_intra_op_parallelism or options.tensorflow_session_parallelism,
-            inter_op_threads=options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism,
+            intra_op_threads=intra,
+            inter_op_threads=inter,
             remote_predict_threads=options.remote_predict_threads,
             warmup=options.enable_model_warmup,
             runtime_id=self.runtime.id,
@@ -212,8 +221,8 @@ class ModelServer:
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             self._config_thread = threading.Thread(target=self._poll_config_file, name="config-poll", daemon=True)
             self._config_thread.start()
-        log.info("Serving models %s; gRPC on %s:%d (%d threads)%s%s", ", ".join(self.manager.model_names()),
-                 options.host, self.grpc_port, self.grpc_threads,
+        log.info("Serving models %s on %s; gRPC on %s:%d (%d threads)%s%s", ", ".join(self.manager.model_names()),
+                 BUDGET.describe(), options.host, self.grpc_port, self.grpc_threads,
                  f", REST on {options.host}:{self.rest_port} ({self.rest_threads} threads)" if self.rest_port else "",
                  f", tcp on {options.host}:{self.tcp_port}" if self.tcp_port else "")
 
