@@ -20,6 +20,10 @@ from remote_predict.errors import invalid_argument
 # Refuse to allocate tensors larger than this many elements unless a caller raises the limit: a tiny
 # request must not be able to declare a shape that makes the server allocate terabytes.
 DEFAULT_MAX_ELEMENTS = 1 << 31
+# A tensor with fewer values than elements is filled (TensorFlow repeats the last value, or zeros when there
+# are none), so a request of a few bytes could make the server allocate gigabytes, and as many again for
+# the answer: the fill is refused beyond this size. Values actually sent are bounded by the message limit.
+MAX_FILLED_BYTES = 1 << 28
 
 _HALF_TYPES = (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
 _INT_VAL_TYPES = (types_pb2.DT_INT32, types_pb2.DT_INT16, types_pb2.DT_INT8, types_pb2.DT_UINT8,
@@ -130,6 +134,12 @@ def to_ndarray(proto: tensor_pb2.TensorProto, max_elements: int = DEFAULT_MAX_EL
         return flat.reshape(shape)
     if n > count:
         raise invalid_argument(f"tensor has {n} values but its shape {list(shape)} holds {count}")
+    if count * npdt.itemsize > MAX_FILLED_BYTES:
+        raise invalid_argument(
+            f"tensor of shape {list(shape)} has {n} values for its {count} elements: filling it would take "
+            f"{count * npdt.itemsize} bytes, more than the {MAX_FILLED_BYTES >> 20} MiB a tensor may be filled to; "
+            "send all its values (tensor_content)"
+        )
     if n == 0:
         return np.full(shape, b"" if dtype == types_pb2.DT_STRING else 0, dtype=npdt)
     # Fewer values than elements: TensorFlow repeats the last value.
