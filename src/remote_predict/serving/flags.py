@@ -7,7 +7,7 @@ never silently ignored. Flags of our own are marked "(remote-predict)" in `--hel
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from remote_predict.serving.cpus import BUDGET
 
@@ -23,146 +23,109 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def flag(default, help: str):
+    """A flag's default and its `--help` text, beside its field."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ServerOptions:
     # --- tensorflow_model_server flags --------------------------------------------------------
-    port: int = 8500
-    grpc_socket_path: str = ""
-    rest_api_port: int = 0
-    rest_api_num_threads: int = 0  # 0: request_threads() decides
-    rest_api_timeout_in_ms: int = 30000
-    rest_api_enable_cors_support: bool = False
-    enable_batching: bool = False
-    allow_version_labels_for_unavailable_models: bool = False
-    batching_parameters_file: str = ""
-    model_config_file: str = ""
-    model_config_file_poll_wait_seconds: int = 0
-    model_name: str = "default"
-    model_base_path: str = ""
-    num_load_threads: int = 0
-    num_unload_threads: int = 0
-    max_num_load_retries: int = 5
-    load_retry_interval_micros: int = 60 * 1000 * 1000
-    file_system_poll_wait_seconds: int = 1
-    flush_filesystem_caches: bool = True
-    tensorflow_session_parallelism: int = 0
-    tensorflow_intra_op_parallelism: int = 0
-    tensorflow_inter_op_parallelism: int = 0
-    ssl_config_file: str = ""
-    saved_model_tags: str = "serve"
-    grpc_channel_arguments: str = ""
-    grpc_max_threads: int = 0  # 0: request_threads() decides
-    enable_model_warmup: bool = True
-    monitoring_config_file: str = ""
-    prefer_tflite_model: bool = False
-    num_tflite_pools: int = CPUS
-    enable_profiler: bool = True
+    port: int = flag(8500, "TCP port for the gRPC API")
+    grpc_socket_path: str = flag("", "if set, also serve gRPC on this UNIX socket path")
+    rest_api_port: int = flag(0, "TCP port for the REST API (0: no REST API)")
+    rest_api_num_threads: int = flag(0, "threads that run REST requests (0: as --grpc_max_threads decides when 0)")
+    rest_api_timeout_in_ms: int = flag(30000, "timeout of a REST request in milliseconds (0: none)")
+    rest_api_enable_cors_support: bool = flag(False, "answer CORS preflight requests and add CORS headers")
+    enable_batching: bool = flag(False, "merge concurrent requests into batches")
+    allow_version_labels_for_unavailable_models: bool = flag(
+        False, "allow labels that point at versions not yet loaded")
+    batching_parameters_file: str = flag("", "text-format BatchingParameters file")
+    model_config_file: str = flag("", "text-format ModelServerConfig file (overrides --model_name/--model_base_path)")
+    model_config_file_poll_wait_seconds: int = flag(0, "re-read --model_config_file this often (0: never)")
+    model_name: str = flag("default", "name of the single model served with --model_base_path")
+    model_base_path: str = flag(
+        "", "directory (or s3://BUCKET/PREFIX) holding the integer version directories of the single model")
+    num_load_threads: int = flag(0, "threads that load model versions (0: one)")
+    num_unload_threads: int = flag(0, "threads that unload model versions (0: four)")
+    max_num_load_retries: int = flag(5, "times a failed load is retried")
+    load_retry_interval_micros: int = flag(60 * 1000 * 1000, "wait between load retries, in microseconds")
+    file_system_poll_wait_seconds: int = flag(1, "look for new model versions this often (0: only at start)")
+    flush_filesystem_caches: bool = flag(True, "accepted for compatibility (this server keeps no file system caches)")
+    tensorflow_session_parallelism: int = flag(
+        0, "threads of both TF pools when the two flags below are 0 (0: one per CPU, counting a CPU quota)")
+    tensorflow_intra_op_parallelism: int = flag(0, "TF intra-op threads (0: one per CPU, counting a CPU quota)")
+    tensorflow_inter_op_parallelism: int = flag(0, "TF inter-op threads (0: one per CPU, counting a CPU quota)")
+    ssl_config_file: str = flag("", "text-format SSLConfig file: serve gRPC over TLS")
+    saved_model_tags: str = flag("serve", "comma-separated MetaGraphDef tags to load")
+    grpc_channel_arguments: str = flag("", "comma-separated gRPC server arguments, key=value")
+    grpc_max_threads: int = flag(
+        0, "threads that run gRPC requests: the most requests in progress at once, counting those waiting on "
+           "RemotePredict calls or for a batch to fill (0: 4 per CPU, TF Serving's default; 16 per CPU when a model "
+           "loaded at start makes remote calls)")
+    enable_model_warmup: bool = flag(True, "replay assets.extra/tf_serving_warmup_requests when a version loads")
+    monitoring_config_file: str = flag("", "text-format MonitoringConfig file: Prometheus metrics on the REST port")
+    prefer_tflite_model: bool = flag(
+        False, "serve a version directory's model.tflite (TensorFlow Lite) instead of its SavedModel; versions "
+               "without one are served from their SavedModel")
+    num_tflite_pools: int = flag(
+        CPUS, "TFLite interpreters per loaded TFLite version: the requests it runs at once (0: one)")
+    enable_profiler: bool = flag(
+        True, "serve tensorflow.ProfilerService on the gRPC port (for tf.profiler.experimental.client.trace), "
+              "answered in this process; no other port opens")
     # --- remote-predict flags -----------------------------------------------------------------
-    host: str = "0.0.0.0"
-    remote_predict_allowed_targets: str = ""
-    remote_predict_threads: int = 64
-    remote_predict_client_tls_config_file: str = ""
-    remote_predict_plugins: str = ""
-    remote_predict_loopback_in_process: bool = True
-    remote_predict_max_inflight_per_target: int = 0
-    remote_predict_channel_arguments: str = ""
-    remote_predict_hedge_after_ms: int = 0
-    remote_predict_hedge_percentile: float = 0.0
-    remote_predict_cache_mib: float = 0.0
-    tcp_port: int = 0
-    lookup_fast_path: bool = True
-    drain_timeout_seconds: float = 30.0
-    rest_api_max_body_bytes: int = 1 << 30
-    max_tensor_elements: int = 1 << 31
-    model_cache_dir: str = ""
-    model_cache_max_bytes: int = 0
-    tracing_config_file: str = ""
+    host: str = flag("0.0.0.0", "(remote-predict) address to bind; 127.0.0.1 for loopback only")
+    remote_predict_allowed_targets: str = flag(
+        "", "(remote-predict) comma-separated host:port globs RemotePredict ops may call (empty: any)")
+    remote_predict_threads: int = flag(
+        64, "(remote-predict) threads for models with RemotePredict ops: the most remote calls in flight at once")
+    remote_predict_client_tls_config_file: str = flag(
+        "", "(remote-predict) text-format SSLConfig for the RemotePredict ops' outgoing gRPC channels (custom_ca; "
+            "server_cert/server_key as the client certificate)")
+    remote_predict_plugins: str = flag(
+        "", "(remote-predict) comma-separated Python modules to import at start, for example modules that register "
+            "custom stubs")
+    remote_predict_loopback_in_process: bool = flag(
+        True, "(remote-predict) serve RemotePredict calls that name this server over loopback (localhost:PORT) "
+              "in-process, without the network")
+    remote_predict_max_inflight_per_target: int = flag(
+        0, "(remote-predict) the most RemotePredict calls in flight to one target; past it calls fail at once (0: no "
+           "limit)")
+    remote_predict_channel_arguments: str = flag(
+        "", "(remote-predict) comma-separated gRPC channel arguments, key=value, for the RemotePredict ops' channels "
+            "(over our defaults: keepalive every 1 s, retries, reconnect backoff up to 1 s)")
+    remote_predict_hedge_after_ms: int = flag(
+        0, "(remote-predict) tcp:// targets with several replicas: a call unanswered after this long is also sent to "
+           "another replica, the first answer wins (0: never)")
+    remote_predict_hedge_percentile: float = flag(
+        0.0, "(remote-predict) tcp:// targets with several replicas: a call unanswered after this percentile of the "
+             "target's recent latency (e.g. 95) is also sent to another replica; --remote_predict_hedge_after_ms is "
+             "then the least delay (0: off)")
+    remote_predict_cache_mib: float = flag(
+        0.0, "(remote-predict) MiB of hot table rows a split master keeps, per server, shared by its tables in "
+             "proportion to their size; rows of each model version apart (0: no cache)")
+    tcp_port: int = flag(
+        0, "(remote-predict) also serve Predict on this port over remote-predict's framed TCP transport, which "
+           "RemotePredict ops reach as tcp://HOST:PORT (0: off)")
+    lookup_fast_path: bool = flag(
+        True, "(remote-predict) answer the shard models `remote-predict split` writes straight from their "
+              "checkpoint's rows (memory-mapped, no TensorFlow Session); false loads them as any SavedModel")
+    drain_timeout_seconds: float = flag(30.0, "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests")
+    rest_api_max_body_bytes: int = flag(1 << 30, "(remote-predict) largest REST request body (413 above)")
+    max_tensor_elements: int = flag(1 << 31, "(remote-predict) largest tensor a request may declare")
+    model_cache_dir: str = flag(
+        "", "(remote-predict) where versions in object storage (s3:// base paths) are copied to be loaded; each copy "
+            "is deleted when its version is unloaded (empty: a directory under the system's temporary directory)")
+    model_cache_max_bytes: int = flag(
+        0, "(remote-predict) most bytes of copies in --model_cache_dir at once; a version that would exceed it fails "
+           "to load with RESOURCE_EXHAUSTED (0: the disk's free space)")
+    tracing_config_file: str = flag(
+        "", "(remote-predict) text-format TracingConfig file: trace every request with OpenTelemetry and export the "
+            "spans over OTLP (otlp_endpoint, sampling_ratio, service_name); the standard OTEL_* environment "
+            "variables fill in what it leaves out, and turn tracing on without it (empty: tracing only if "
+            "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER=otlp is set)")
 
 
-_HELP = {
-    "port": "TCP port for the gRPC API",
-    "grpc_socket_path": "if set, also serve gRPC on this UNIX socket path",
-    "rest_api_port": "TCP port for the REST API (0: no REST API)",
-    "rest_api_num_threads": "threads that run REST requests (0: as --grpc_max_threads decides when 0)",
-    "rest_api_timeout_in_ms": "timeout of a REST request in milliseconds (0: none)",
-    "rest_api_enable_cors_support": "answer CORS preflight requests and add CORS headers",
-    "enable_batching": "merge concurrent requests into batches",
-    "allow_version_labels_for_unavailable_models": "allow labels that point at versions not yet loaded",
-    "batching_parameters_file": "text-format BatchingParameters file",
-    "model_config_file": "text-format ModelServerConfig file (overrides --model_name/--model_base_path)",
-    "model_config_file_poll_wait_seconds": "re-read --model_config_file this often (0: never)",
-    "model_name": "name of the single model served with --model_base_path",
-    "model_base_path": "directory (or s3://BUCKET/PREFIX) holding the integer version directories of the single "
-                       "model",
-    "num_load_threads": "threads that load model versions (0: one)",
-    "num_unload_threads": "threads that unload model versions (0: four)",
-    "max_num_load_retries": "times a failed load is retried",
-    "load_retry_interval_micros": "wait between load retries, in microseconds",
-    "file_system_poll_wait_seconds": "look for new model versions this often (0: only at start)",
-    "flush_filesystem_caches": "accepted for compatibility (this server keeps no file system caches)",
-    "tensorflow_session_parallelism": "threads of both TF pools when the two flags below are 0 (0: one per CPU, "
-                                      "counting a CPU quota)",
-    "tensorflow_intra_op_parallelism": "TF intra-op threads (0: one per CPU, counting a CPU quota)",
-    "tensorflow_inter_op_parallelism": "TF inter-op threads (0: one per CPU, counting a CPU quota)",
-    "ssl_config_file": "text-format SSLConfig file: serve gRPC over TLS",
-    "saved_model_tags": "comma-separated MetaGraphDef tags to load",
-    "grpc_channel_arguments": "comma-separated gRPC server arguments, key=value",
-    "grpc_max_threads": "threads that run gRPC requests: the most requests in progress at once, counting "
-                        "those waiting on RemotePredict calls or for a batch to fill (0: 4 per CPU, TF Serving's "
-                        "default; 16 per CPU when a model loaded at start makes remote calls)",
-    "enable_model_warmup": "replay assets.extra/tf_serving_warmup_requests when a version loads",
-    "monitoring_config_file": "text-format MonitoringConfig file: Prometheus metrics on the REST port",
-    "prefer_tflite_model": "serve a version directory's model.tflite (TensorFlow Lite) instead of its SavedModel; "
-                           "versions without one are served from their SavedModel",
-    "num_tflite_pools": "TFLite interpreters per loaded TFLite version: the requests it runs at once (0: one)",
-    "enable_profiler": "serve tensorflow.ProfilerService on the gRPC port (for tf.profiler.experimental.client."
-                       "trace), answered in this process; no other port opens",
-    "host": "(remote-predict) address to bind; 127.0.0.1 for loopback only",
-    "remote_predict_allowed_targets": "(remote-predict) comma-separated host:port globs RemotePredict ops may "
-                                      "call (empty: any)",
-    "remote_predict_threads": "(remote-predict) threads for models with RemotePredict ops: the most remote "
-                              "calls in flight at once",
-    "remote_predict_client_tls_config_file": "(remote-predict) text-format SSLConfig for the RemotePredict ops' "
-                                             "outgoing gRPC channels (custom_ca; server_cert/server_key as "
-                                             "the client certificate)",
-    "remote_predict_plugins": "(remote-predict) comma-separated Python modules to import at start, for example "
-                              "modules that register custom stubs",
-    "remote_predict_loopback_in_process": "(remote-predict) serve RemotePredict calls that name this server over "
-                                          "loopback (localhost:PORT) in-process, without the network",
-    "remote_predict_max_inflight_per_target": "(remote-predict) the most RemotePredict calls in flight to one "
-                                              "target; past it calls fail at once (0: no limit)",
-    "remote_predict_channel_arguments": "(remote-predict) comma-separated gRPC channel arguments, key=value, for "
-                                        "the RemotePredict ops' channels (over our defaults: keepalive every 1 s, "
-                                        "retries, reconnect backoff up to 1 s)",
-    "remote_predict_hedge_after_ms": "(remote-predict) tcp:// targets with several replicas: a call unanswered "
-                                     "after this long is also sent to another replica, the first answer wins "
-                                     "(0: never)",
-    "remote_predict_hedge_percentile": "(remote-predict) tcp:// targets with several replicas: a call unanswered "
-                                       "after this percentile of the target's recent latency (e.g. 95) is also "
-                                       "sent to another replica; --remote_predict_hedge_after_ms is then the "
-                                       "least delay (0: off)",
-    "remote_predict_cache_mib": "(remote-predict) MiB of hot table rows a split master keeps, per server, "
-                                "shared by its tables in proportion to their size; rows of each model version "
-                                "apart (0: no cache)",
-    "tcp_port": "(remote-predict) also serve Predict on this port over remote-predict's framed TCP transport, "
-                "which RemotePredict ops reach as tcp://HOST:PORT (0: off)",
-    "lookup_fast_path": "(remote-predict) answer the shard models `remote-predict split` writes straight from "
-                        "their checkpoint's rows (memory-mapped, no TensorFlow Session); false loads them as any "
-                        "SavedModel",
-    "drain_timeout_seconds": "(remote-predict) on SIGTERM/SIGINT, time allowed for in-flight requests",
-    "rest_api_max_body_bytes": "(remote-predict) largest REST request body (413 above)",
-    "max_tensor_elements": "(remote-predict) largest tensor a request may declare",
-    "model_cache_dir": "(remote-predict) where versions in object storage (s3:// base paths) are copied to be "
-                       "loaded; each copy is deleted when its version is unloaded (empty: a directory under the "
-                       "system's temporary directory)",
-    "model_cache_max_bytes": "(remote-predict) most bytes of copies in --model_cache_dir at once; a version that "
-                             "would exceed it fails to load with RESOURCE_EXHAUSTED (0: the disk's free space)",
-    "tracing_config_file": "(remote-predict) text-format TracingConfig file: trace every request with "
-                           "OpenTelemetry and export the spans over OTLP (otlp_endpoint, sampling_ratio, "
-                           "service_name); the standard OTEL_* environment variables fill in what it leaves out, "
-                           "and turn tracing on without it (empty: tracing only if OTEL_EXPORTER_OTLP_ENDPOINT, "
-                           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER=otlp is set)",
-}
 
 # tensorflow_model_server flags we do not implement, with TF Serving's defaults.
 UNSUPPORTED_DEFAULTS = {
@@ -202,14 +165,14 @@ def build_parser(prog: str = "remote-predict serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
         description="Serve TensorFlow SavedModels over TF Serving's gRPC and REST APIs.")
-    for field in fields(ServerOptions):
-        default = field.default
+    for option in fields(ServerOptions):
+        default = option.default
         kind = {bool: _bool, int: int, float: float, str: str}[type(default)]
-        kwargs = {"type": kind, "default": default, "help": f"{_HELP[field.name]} (default: {default!r})",
+        kwargs = {"type": kind, "default": default, "help": f"{option.metadata['help']} (default: {default!r})",
                   "metavar": type(default).__name__.upper()}
         if isinstance(default, bool):
             kwargs.update(nargs="?", const=True)
-        parser.add_argument(f"--{field.name}", **kwargs)
+        parser.add_argument(f"--{option.name}", **kwargs)
     for name in UNSUPPORTED_DEFAULTS:
         parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
