@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf.internal import decoder, encoder
 from tensorflow_serving.apis import predict_pb2
 
-from remote_predict import tensor_codec, wire
+from remote_predict import tensor_codec, varint, wire
 from remote_predict.errors import ServingError
 
 BIG = 300_000  # elements: past the large-message threshold
@@ -104,3 +105,19 @@ def test_content_size_must_match_shape():
     request.inputs["f"].tensor_shape.dim[0].size += 1
     with pytest.raises(ServingError, match="tensor parsing error: f: tensor_content has"):
         wire.decode_predict_request(request.SerializeToString())
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 1 << 31, (1 << 63) - 1, (1 << 64) - 1])
+def test_varints_are_protobufs_own(value):
+    """The one varint reader and writer (requests and checkpoint indexes) against protobuf's."""
+    ours = varint.encode(value)
+    assert ours == encoder._VarintBytes(value)
+    assert varint.read(ours, 0) == decoder._DecodeVarint(ours, 0) == (value, len(ours))
+    assert varint.read(memoryview(b"\x07" + ours), 1) == (value, 1 + len(ours))
+    with pytest.raises(ValueError, match="truncated varint"):
+        varint.read(ours[:-1], 0)
+
+
+def test_a_varint_longer_than_64_bits_is_refused():
+    with pytest.raises(ValueError, match="varint too long"):
+        varint.read(b"\xff" * 10 + b"\x01", 0)

@@ -24,20 +24,18 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import tensor_bundle_pb2
 
+from remote_predict import varint
+
 _FOOTER_BYTES = 48
 _MAGIC = 0xDB4775248B80FB57
 _BLOCK_TRAILER_BYTES = 5  # compression type, crc32c
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
+    try:
+        return varint.read(data, pos)
+    except ValueError as e:
+        raise ValueError(f"checkpoint index is corrupt: {e}") from None
 
 
 def _block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:

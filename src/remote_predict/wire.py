@@ -22,7 +22,7 @@ from google.protobuf import message
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2
 
-from remote_predict import tensor_codec
+from remote_predict import tensor_codec, varint
 from remote_predict.errors import ServingError, invalid_argument
 
 # Messages at least this large take the zero-copy path.
@@ -38,38 +38,16 @@ _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_VERSION, _TENSOR_CONTENT = 1, 2, 3, 4
 _SHAPE_DIM, _SHAPE_UNKNOWN_RANK = 2, 3
 _DIM_SIZE = 1
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]  # varints below 128, made once
 _DTYPE_KEY = bytes(((_TENSOR_DTYPE << 3) | _VARINT,))
 _DIM_SIZE_KEY = bytes(((_DIM_SIZE << 3) | _VARINT,))
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _ONE_BYTE[value]
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+_varint = varint.encode
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise invalid_argument("malformed protobuf: truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise invalid_argument("malformed protobuf: varint too long")
+    try:
+        return varint.read(data, pos)
+    except ValueError as e:
+        raise invalid_argument(f"malformed protobuf: {e}") from None
 
 
 def _fields(data: memoryview, start: int = 0, end: int | None = None):
