@@ -77,16 +77,31 @@ def test_small_messages_encode_the_same_in_every_process():
     assert forward == backward
 
 
-def test_each_tensor_is_written_as_the_generated_classes_write_it():
-    """Byte for byte, for every kind of tensor (empty, scalar, half, bool, strings), one output at a time (with
-    several, entries are in key order, which the generated classes' deterministic order differs from only
-    for keys that are prefixes of others)."""
+KINDS = {**SMALL, "d": np.array([[1.5, -np.inf], [np.nan, 0.0]]), "c64": np.array([1 + 2j, -3j], np.complex64),
+         "c128": np.array([[0.5 - 1j]]), "f64_empty": np.zeros((2, 0)), "f_strided": ARRAYS["f"][:6:2, 1:]}
+
+
+@pytest.mark.parametrize("tensor_content", [True, False], ids=["tensor_content", "typed"])
+def test_each_tensor_is_written_as_the_generated_classes_write_it(tensor_content):
+    """Byte for byte, for every kind of tensor (empty, scalar, half, bool, strings, complex, a strided view), as
+    tensor_content and in the typed fields, one output at a time (with several, entries are
+    in key order, which the generated classes' deterministic order differs from only for keys that are
+    prefixes of others)."""
     spec = request_with({}, True).model_spec
-    for alias, array in SMALL.items():
+    for alias, array in KINDS.items():
         expected = predict_pb2.PredictResponse(model_spec=spec)
-        tensor_codec.put_arrays(expected.outputs, {alias: array}, tensor_content=True)
-        assert wire.encode_predict_response(spec, {alias: array}, tensor_content=True) == \
+        tensor_codec.put_arrays(expected.outputs, {alias: array}, tensor_content=tensor_content)
+        assert wire.encode_predict_response(spec, {alias: array}, tensor_content=tensor_content) == \
             expected.SerializeToString(deterministic=True), alias
+
+
+def test_typed_floats_keep_their_bits():
+    """A NaN's payload survives in float_val as in tensor_content (a Python float on the way would quiet a
+    signalling NaN), as TensorFlow's own AsProtoField copies the floats."""
+    signalling = np.array([0x7FA00001, 0x3F800000], np.uint32)
+    answer = wire.encode_predict_response(request_with({}, True).model_spec, {"n": signalling.view(np.float32)}, False)
+    assert signalling.tobytes() in answer
+    assert predict_pb2.PredictResponse.FromString(answer).outputs["n"].float_val[1] == 1.0
 
 
 @pytest.mark.parametrize("mutate", [

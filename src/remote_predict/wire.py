@@ -37,6 +37,10 @@ _RESPONSE_MODEL_SPEC = 2
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_VERSION, _TENSOR_CONTENT = 1, 2, 3, 4
 _SHAPE_DIM, _SHAPE_UNKNOWN_RANK = 2, 3
+# The typed fields written as a packed run of fixed-width little-endian values (float_val, double_val,
+# scomplex_val, dcomplex_val): the array's own bytes.
+_PACKED_FIELDS = {np.dtype(np.float32): 5, np.dtype(np.float64): 6, np.dtype(np.complex64): 9,
+                  np.dtype(np.complex128): 12}
 _DIM_SIZE = 1
 _DTYPE_KEY = bytes(((_TENSOR_DTYPE << 3) | _VARINT,))
 _DIM_SIZE_KEY = bytes(((_DIM_SIZE << 3) | _VARINT,))
@@ -180,9 +184,12 @@ def _shape(shape: Sequence[int]) -> bytes:
 
 
 def _tensor_parts(array: np.ndarray, tensor_content: bool) -> list[bytes | memoryview]:
-    """A TensorProto: numeric arrays with `tensor_content` as a head and a view of the array's buffer (the one
-    copy is the final join); anything else through the generated class."""
-    if not tensor_content or array.dtype.kind in "OSU":
+    """A TensorProto: numeric arrays as a head and a view of the array's buffer (the one copy is the final join),
+    in `tensor_content` or, for floating-point types, in their packed typed field, whose bytes are the same
+    little-endian buffer (an answer of 256 MiB of floats took 3.5 GB through a Python list); anything else
+    through the generated class."""
+    field = _TENSOR_CONTENT if tensor_content else _PACKED_FIELDS.get(array.dtype)
+    if field is None or array.dtype.kind in "OSU" or array.dtype.byteorder == ">":
         return [tensor_codec.from_ndarray(array, tensor_content=tensor_content).SerializeToString()]
     dtype = tensor_codec.tf_dtype_of(array)
     shape = _shape(array.shape)
@@ -190,7 +197,7 @@ def _tensor_parts(array: np.ndarray, tensor_content: bool) -> list[bytes | memor
     size = array.nbytes
     if not size:
         return [head]
-    return [head + _key(_TENSOR_CONTENT, size), memoryview(np.ascontiguousarray(array)).cast("B")]
+    return [head + _key(field, size), memoryview(np.ascontiguousarray(array)).cast("B")]
 
 
 def _map_entries(number: int, tensors: Mapping[str, np.ndarray], tensor_content: bool) -> list[bytes | memoryview]:
