@@ -24,6 +24,8 @@ from remote_predict.serving import config_protos, grpc_api, rest_api, tcp_api
 from remote_predict.serving.cpus import BUDGET
 from remote_predict.serving.data_plane import DataPlane
 from remote_predict.serving.flags import ServerOptions, channel_arguments, parse_channel_arguments, request_threads
+from remote_predict.serving.heap import Heap
+from remote_predict.serving.load_plan import State
 from remote_predict.serving.manager import ManagerOptions, ModelManager
 from remote_predict.serving.metrics import ServerMetrics
 from remote_predict.serving.servable import LoadOptions
@@ -135,6 +137,7 @@ class ModelServer:
         self._config_text: str | None = None
         self._config_thread: threading.Thread | None = None
         self._reload_lock = threading.Lock()
+        self.heap = Heap()  # the garbage collector skips what the loaded versions hold (see heap.py)
 
     # ---------------------------------------------------------------------------------- start-up
 
@@ -196,7 +199,7 @@ class ModelServer:
                 cache_dir=options.model_cache_dir,
                 cache_max_bytes=options.model_cache_max_bytes,
             ),
-            listeners=[self.metrics.on_version_state],
+            listeners=[self.metrics.on_version_state, self._on_version_state],
             store_listeners=[self.metrics.on_store_listing],
         )
         self.data_plane = DataPlane(self.manager, batcher=batcher, max_tensor_elements=options.max_tensor_elements,
@@ -225,6 +228,10 @@ class ModelServer:
                  BUDGET.describe(), options.host, self.grpc_port, self.grpc_threads,
                  f", REST on {options.host}:{self.rest_port} ({self.rest_threads} threads)" if self.rest_port else "",
                  f", tcp on {options.host}:{self.tcp_port}" if self.tcp_port else "")
+
+    def _on_version_state(self, model: str, version: int, state: State, error: ServingError | None) -> None:
+        if state in (State.AVAILABLE, State.END):
+            self.heap.changed()
 
     def _start_tcp(self) -> None:
         options = self.options
@@ -330,4 +337,5 @@ class ModelServer:
             self.runtime.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # exports the spans still queued
+        self.heap.close()
 
