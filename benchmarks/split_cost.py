@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import ServerProcess, free_port, write_config  # noqa: E402
+from remote_predict.serving.heap import QUIET_SECONDS  # noqa: E402
 from remote_predict.tools.loadgen import LoadGenerator, machine_description  # noqa: E402
 from results_file import command_line, write_region  # noqa: E402
 
@@ -200,6 +201,7 @@ def run(args) -> list[str]:
                     wrong = sum(a != b for a, b in zip(got, expected, strict=True))
                     if wrong:
                         raise SystemExit(f"{wrong} of {len(bodies)} split answers differ from the unsplit model's")
+                    time.sleep(QUIET_SECONDS + 1)  # the servers settle their heaps (serving/heap.py) before we measure
                     hits0, misses0 = cache_counts(master)
                     for name, concurrency in (("seq", 1), ("load", args.concurrency)):
                         for _ in range(args.rounds):
