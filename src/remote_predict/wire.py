@@ -37,13 +37,13 @@ _RESPONSE_MODEL_SPEC = 2
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_VERSION, _TENSOR_CONTENT = 1, 2, 3, 4
 _SHAPE_DIM, _SHAPE_UNKNOWN_RANK = 2, 3
+_DIM_SIZE = 1
+_DTYPE_KEY = bytes(((_TENSOR_DTYPE << 3) | _VARINT,))
+_DIM_SIZE_KEY = bytes(((_DIM_SIZE << 3) | _VARINT,))
 # The typed fields written as a packed run of fixed-width little-endian values (float_val, double_val,
 # scomplex_val, dcomplex_val): the array's own bytes.
 _PACKED_FIELDS = {np.dtype(np.float32): 5, np.dtype(np.float64): 6, np.dtype(np.complex64): 9,
                   np.dtype(np.complex128): 12}
-_DIM_SIZE = 1
-_DTYPE_KEY = bytes(((_TENSOR_DTYPE << 3) | _VARINT,))
-_DIM_SIZE_KEY = bytes(((_DIM_SIZE << 3) | _VARINT,))
 _varint = varint.encode
 
 
@@ -186,7 +186,7 @@ def _shape(shape: Sequence[int]) -> bytes:
 def _tensor_parts(array: np.ndarray, tensor_content: bool) -> list[bytes | memoryview]:
     """A TensorProto: numeric arrays as a head and a view of the array's buffer (the one copy is the final join),
     in `tensor_content` or, for floating-point types, in their packed typed field, whose bytes are the same
-    little-endian buffer (an answer of 256 MiB of floats took 3.5 GB through a Python list); anything else
+    little-endian buffer (a 64 MiB float answer took 1.9 s and 0.6 GB more through a Python list); anything else
     through the generated class."""
     field = _TENSOR_CONTENT if tensor_content else _PACKED_FIELDS.get(array.dtype)
     if field is None or array.dtype.kind in "OSU" or array.dtype.byteorder == ">":

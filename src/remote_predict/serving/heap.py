@@ -7,11 +7,13 @@ collections come every few seconds: the objects of the requests in flight outliv
 and count towards the next full one. On a split master at concurrency 32 the collector had 6 % of the
 master's CPU samples (perf), and 1 % with the heap frozen.
 
-So when the servables have changed (the first versions loaded, a version loaded or unloaded later), the
-heap is settled: the garbage is collected, and what is left is frozen (`gc.freeze`), which the collector
-then skips. A settle waits until versions have stopped changing for a moment, so that a roll-out of ten
-models costs one full collection, not ten. Each settle first unfreezes, so the objects of an unloaded
-version are collected, not kept for ever.
+So the heap is settled: the garbage is collected, and what is left is frozen (`gc.freeze`), which the
+collector then skips. The server settles once before it opens its ports (the one full collection of all
+of it, while no request waits), and again when versions have stopped changing for a moment, so that a
+roll-out of ten models costs one settle, not ten. After a load that is cheap: only what is not frozen yet
+is walked. After an unload it unfreezes first, so that the unloaded version's objects are collected, not
+kept for ever: one full collection (the stall the collector would otherwise make every few seconds under
+load) per roll-out.
 
 The collector is one per process: a server that stops unfreezes it, and servers sharing a process (tests)
 each settle it when their own versions change.
@@ -35,13 +37,16 @@ class Heap:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._closed = False
+        self._unfreeze = False  # a version was unloaded since the last settle: its objects may be frozen
         self.settles = 0  # (for tests and the log)
 
-    def changed(self) -> None:
-        """The servables changed: settle once they have not changed for `quiet_seconds`."""
+    def changed(self, unloaded: bool = False) -> None:
+        """The servables changed (`unloaded`: some were unloaded): settle once they have not changed for
+        `quiet_seconds`."""
         with self._lock:
             if self._closed:
                 return
+            self._unfreeze = self._unfreeze or unloaded
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = threading.Timer(self.quiet_seconds, self.settle)
@@ -50,12 +55,15 @@ class Heap:
             self._timer.start()
 
     def settle(self) -> None:
-        """Collect the garbage, then freeze every object left (until the next settle or `close`)."""
+        """Collect the garbage, then freeze every object left (until the next settle that follows an unload,
+        or `close`)."""
         with self._lock:
             if self._closed:
                 return
             started = time.perf_counter()
-            gc.unfreeze()
+            if self._unfreeze:
+                gc.unfreeze()
+                self._unfreeze = False
             gc.collect()
             gc.freeze()
             self.settles += 1

@@ -206,6 +206,7 @@ class ModelServer:
                                     telemetry=self.telemetry)
         try:
             self.manager.start(configs)
+            self.heap.settle()  # its one full collection, before any request can wait for it
             remote_calls = any(servable.remote_ops for servable in self.manager.loaded_servables())
             self.grpc_threads = request_threads(options.grpc_max_threads, remote_calls)
             self.rest_threads = request_threads(options.rest_api_num_threads, remote_calls)
@@ -231,7 +232,7 @@ class ModelServer:
 
     def _on_version_state(self, model: str, version: int, state: State, error: ServingError | None) -> None:
         if state in (State.AVAILABLE, State.END):
-            self.heap.changed()
+            self.heap.changed(unloaded=state is State.END)
 
     def _start_tcp(self) -> None:
         options = self.options
